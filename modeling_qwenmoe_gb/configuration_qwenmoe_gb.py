@@ -1,0 +1,199 @@
+"""QwenMoE-GB configuration (shipped to the Hub next to `modeling_qwenmoe_gb.py`).
+
+Features
+- Qwen2-MoE shape: fine-grained routed experts + one shared expert (width = shared_expert_intermediate_size),
+  optionally Qwen3-MoE attention (`use_qk_norm=True`, `attention_bias`), so Qwen1.5/2/3-MoE checkpoints load.
+- Balance options: `balance_scope` (micro / global / sequence), `balance_group_size`, `micro_balance_coef`,
+  `device_balance_groups` + `device_balance_coef`, `router_z_loss_coef`, `aux_free` + `aux_free_bias_update_rate`,
+  `router_scoring_func` (softmax / sigmoid).
+- `num_params()` / `num_active_params()`: parameter counts from the config alone.
+
+This file imports only the standard library and transformers (Hub custom-code rule).
+"""
+
+from __future__ import annotations
+
+from transformers import Qwen2MoeConfig
+
+BALANCE_SCOPES = ("micro", "global", "sequence")
+ROUTER_SCORING_FUNCS = ("softmax", "sigmoid")
+
+
+class QwenMoeGBConfig(Qwen2MoeConfig):
+    r"""Configuration of a QwenMoE-GB model: a Qwen2-MoE model trained with global-batch load balancing.
+
+    All Qwen2-MoE fields keep their transformers meaning (`num_experts`, `num_experts_per_tok`,
+    `moe_intermediate_size`, `shared_expert_intermediate_size`, `norm_topk_prob`, `output_router_logits`, ...).
+    `shared_expert_intermediate_size=0` drops the shared expert (Qwen3-MoE shape).
+
+    Balance losses are normalised so that perfectly balanced routing scores 1.0 (f_i = counts_i / (K·T)) and are
+    averaged over the MoE layers. transformers' `load_balancing_loss_func` scores K at balance, so a coefficient
+    `c` here equals `c / K` in transformers' units.
+
+    Args:
+        router_aux_loss_coef (`float`, *optional*, defaults to 0.001):
+            Coefficient of the expert-level load-balancing loss `E · Σ_i f_i · P_i` (the transformers name).
+        balance_scope (`str`, *optional*, defaults to `"global"`):
+            Over which tokens f_i is counted for the expert-level and device-level losses:
+            - `"micro"`: the micro-batch (or chunks of `balance_group_size` sequences of it);
+            - `"global"`: the whole optimizer step, all data-parallel ranks × all gradient-accumulation micro-steps
+              so far (Qiu et al. 2025). Needs the trainer's balancer; a bare `forward` computes the micro loss;
+            - `"sequence"`: each sequence on its own (DeepSeek-V3's sequence-wise loss).
+        balance_group_size (`int`, *optional*):
+            With `balance_scope="micro"`, count f over chunks of this many sequences (the balance batch size of a
+            sweep on one device). `None` = the whole micro-batch.
+        micro_balance_coef (`float`, *optional*, defaults to 0.0):
+            Coefficient of an extra micro-batch expert-level loss added on top of the global one (paper Table 5).
+        device_balance_groups (`int` or `list[list[int]]`, *optional*):
+            Device-level balance loss (DeepSeek-V2): `None` (off), an int D (D equal contiguous groups; D must divide
+            `num_experts`), or an explicit partition of all experts as lists of expert indices.
+        device_balance_coef (`float`, *optional*, defaults to 0.001):
+            Coefficient of the device-level loss (used only when `device_balance_groups` is set).
+        router_z_loss_coef (`float`, *optional*, defaults to 0.0):
+            Coefficient of the router z-loss `mean_t (logsumexp_j x_tj)^2` (ST-MoE).
+        aux_free (`bool`, *optional*, defaults to `False`):
+            Auxiliary-loss-free balancing (Wang et al. 2024): a per-expert bias (buffer `expert_bias`, fp32, saved) is
+            added to the scores for top-k selection only; the trainer updates it once per optimizer step from the
+            global counts: `b += u · sign(mean(c) − c)`.
+        aux_free_bias_update_rate (`float`, *optional*, defaults to 0.001):
+            The update rate `u` of the aux-free bias.
+        router_scoring_func (`str`, *optional*, defaults to `"softmax"`):
+            `"softmax"` or `"sigmoid"` router scores. With sigmoid, the balance losses use the scores normalised
+            to sum to one over experts.
+        use_qk_norm (`bool`, *optional*, defaults to `False`):
+            Use Qwen3-MoE attention (RMSNorm on queries and keys per head, `attention_bias` instead of `qkv_bias`).
+        attention_bias (`bool`, *optional*, defaults to `False`):
+            Bias on q/k/v/o projections when `use_qk_norm=True`.
+        head_dim (`int`, *optional*):
+            Attention head size; defaults to `hidden_size // num_attention_heads`.
+    """
+
+    model_type = "qwenmoe_gb"
+
+    balance_scope: str = "global"
+    balance_group_size: int | None = None
+    micro_balance_coef: float = 0.0
+    device_balance_groups: int | list | None = None
+    device_balance_coef: float = 0.001
+    router_z_loss_coef: float = 0.0
+    aux_free: bool = False
+    aux_free_bias_update_rate: float = 0.001
+    router_scoring_func: str = "softmax"
+    use_qk_norm: bool = False
+    attention_bias: bool = False
+    head_dim: int | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        self.validate_balance()
+        super().__post_init__(**kwargs)
+
+    # ------------------------------------------------------------------ validation
+    def validate_balance(self) -> None:
+        """Raise `ValueError` naming the field, the value and what is allowed."""
+        _check_int("num_experts", self.num_experts, minimum=1)
+        _check_int("num_experts_per_tok", self.num_experts_per_tok, minimum=1)
+        if self.num_experts_per_tok > self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok={self.num_experts_per_tok} is above num_experts={self.num_experts}: "
+                f"allowed 1..{self.num_experts}"
+            )
+        if self.balance_scope not in BALANCE_SCOPES:
+            raise ValueError(f"balance_scope={self.balance_scope!r} is unknown: allowed {list(BALANCE_SCOPES)}")
+        if self.router_scoring_func not in ROUTER_SCORING_FUNCS:
+            raise ValueError(
+                f"router_scoring_func={self.router_scoring_func!r} is unknown: allowed {list(ROUTER_SCORING_FUNCS)}"
+            )
+        if self.balance_group_size is not None:
+            _check_int("balance_group_size", self.balance_group_size, minimum=1)
+        for name in (
+            "router_aux_loss_coef",
+            "micro_balance_coef",
+            "device_balance_coef",
+            "router_z_loss_coef",
+            "aux_free_bias_update_rate",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name}={value!r} is not allowed: a number >= 0 is required")
+        if not isinstance(self.aux_free, bool):
+            raise ValueError(f"aux_free={self.aux_free!r} is not allowed: True or False")
+        self.device_balance_groups = _normalise_groups(self.device_balance_groups, self.num_experts)
+
+    def expert_groups(self) -> list[list[int]] | None:
+        """`device_balance_groups` as an explicit partition (list of expert-index lists), or None."""
+        groups = self.device_balance_groups
+        if groups is None:
+            return None
+        if isinstance(groups, int):
+            size = self.num_experts // groups
+            return [list(range(d * size, (d + 1) * size)) for d in range(groups)]
+        return [list(g) for g in groups]
+
+    # ------------------------------------------------------------------ parameter counts
+    def moe_layer_indices(self) -> list[int]:
+        """Indices of the decoder layers that hold a sparse MoE block (Qwen2-MoE's rule)."""
+        return [
+            i
+            for i in range(self.num_hidden_layers)
+            if i not in (self.mlp_only_layers or [])
+            and self.num_experts > 0
+            and (i + 1) % self.decoder_sparse_step == 0
+        ]
+
+    def num_params(self, active: bool = False) -> int:
+        """Number of parameters of `QwenMoeGBForCausalLM` (buffers excluded); `active=True` counts only the
+        `num_experts_per_tok` routed experts a token uses (plus everything dense)."""
+        d, v = self.hidden_size, self.vocab_size
+        q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        if self.use_qk_norm:
+            attn = d * q + 2 * d * kv + q * d + 2 * self.head_dim
+            attn += (q + 2 * kv + d) if self.attention_bias else 0
+        else:
+            attn = d * q + 2 * d * kv + q * d + ((q + 2 * kv) if self.qkv_bias else 0)
+        norms = 2 * d
+        experts = self.num_experts_per_tok if active else self.num_experts
+        moe = experts * 3 * d * self.moe_intermediate_size + self.num_experts * d  # experts + router
+        if self.shared_expert_intermediate_size > 0:
+            moe += 3 * d * self.shared_expert_intermediate_size + d  # shared expert + its gate
+        dense = 3 * d * self.intermediate_size
+        n_moe = len(self.moe_layer_indices())
+        layers = self.num_hidden_layers * (attn + norms) + n_moe * moe + (self.num_hidden_layers - n_moe) * dense
+        embeddings = v * d * (1 if self.tie_word_embeddings else 2)
+        return embeddings + layers + d  # + final norm
+
+    def num_active_params(self) -> int:
+        return self.num_params(active=True)
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} is not allowed: an integer >= {minimum} is required")
+
+
+def _normalise_groups(groups: object, num_experts: int) -> int | list[list[int]] | None:
+    """Validate `device_balance_groups`; return it unchanged (int) or as a list of sorted int lists."""
+    if groups is None:
+        return None
+    if isinstance(groups, int) and not isinstance(groups, bool):
+        if groups < 1 or num_experts % groups != 0:
+            raise ValueError(f"device_balance_groups={groups} must be a positive divisor of num_experts={num_experts}")
+        return groups
+    if not isinstance(groups, (list, tuple)) or not all(isinstance(g, (list, tuple)) and g for g in groups):
+        raise ValueError(
+            f"device_balance_groups={groups!r} is not allowed: None, an int dividing num_experts, "
+            "or a list of non-empty lists of expert indices"
+        )
+    flat = [i for g in groups for i in g]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in flat) or sorted(flat) != list(
+        range(num_experts)
+    ):
+        raise ValueError(
+            f"device_balance_groups={groups!r} is not a partition of the experts 0..{num_experts - 1}: "
+            "every expert index must appear in exactly one group"
+        )
+    return [sorted(int(i) for i in g) for g in groups]
+
+
+__all__ = ["QwenMoeGBConfig", "BALANCE_SCOPES", "ROUTER_SCORING_FUNCS"]

@@ -1,0 +1,543 @@
+"""QwenMoE-GB modeling (shipped to the Hub next to `configuration_qwenmoe_gb.py`).
+
+Features
+- Qwen2-MoE / Qwen3-MoE decoder built from transformers' own blocks (attention, RMSNorm, rotary, fused experts with
+  `experts_implementation` = eager / batched_mm / grouped_mm).
+- A top-k router with softmax or sigmoid scores and an auxiliary-loss-free bias (`expert_bias`, persistent fp32
+  buffer) that changes which experts are selected but never the gate weights.
+- Router statistics from each sparse block, per layer and per sequence, padding excluded: selection counts,
+  probability sums (differentiable), token counts, z-loss sums. Memory O(L·B·E), no stored router logits.
+- Balance losses as pure functions: `switch_balance_loss`, `device_balance_loss`, `router_z_loss`, and
+  `balance_loss` that combines them for a config at micro, sequence or global scope.
+- `QwenMoeGBForCausalLM.forward(labels=...)` returns CE + the micro-scope balance losses while training, so the model
+  works in any loop; the global scope is added by the trainer (`modeling_qwenmoe_gb.balance`).
+
+Shape legend: B batch, S sequence, T = B·S tokens, D hidden, E experts, K top-k, L MoE layers, G sequence groups.
+This file imports only the standard library, torch, transformers and `.configuration_qwenmoe_gb`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.conversion_mapping import (
+    get_checkpoint_conversion_mapping,
+    register_checkpoint_conversion_mapping,
+)
+from transformers.generation import GenerationMixin
+from transformers.integrations import use_experts_implementation
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_utils import PreTrainedModel
+from transformers.models.qwen2_moe.modeling_qwen2_moe import (
+    Qwen2MoeAttention,
+    Qwen2MoeExperts,
+    Qwen2MoeMLP,
+    Qwen2MoeRMSNorm,
+    Qwen2MoeRotaryEmbedding,
+)
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeAttention
+from transformers.utils import ModelOutput
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_qwenmoe_gb import QwenMoeGBConfig
+
+# --------------------------------------------------------------------------------------------- balance functions
+
+
+@dataclass
+class RouterStats(ModelOutput):
+    """Router statistics of one forward, stacked over the L sparse MoE layers, padding excluded.
+
+    counts (`(L, B, E)` float32, no grad): top-k selections of each expert by the tokens of each sequence.
+    prob_sums (`(L, B, E)` float32, differentiable): Σ_t p_t,i over each sequence's tokens (router probabilities).
+    num_tokens (`(L, B)` float32): non-padding tokens of each sequence.
+    z_sums (`(L, B)` float32, differentiable): Σ_t logsumexp(router logits_t)² over each sequence's tokens.
+    """
+
+    counts: torch.Tensor | None = None
+    prob_sums: torch.Tensor | None = None
+    num_tokens: torch.Tensor | None = None
+    z_sums: torch.Tensor | None = None
+
+
+def router_statistics(
+    router_logits: torch.Tensor, router_probs: torch.Tensor, top_k_index: torch.Tensor, token_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sequence statistics of one router from what it already computed (no second pass, O(B·E) output).
+
+    router_logits (T, E), router_probs (T, E) fp32, top_k_index (T, K), token_mask (B, S) with 1 for real tokens.
+    Returns counts (B, E), prob_sums (B, E), num_tokens (B,), z_sums (B,), all fp32.
+    """
+    batch, seq = token_mask.shape
+    num_experts, top_k = router_probs.shape[-1], top_k_index.shape[-1]
+    mask = token_mask.reshape(-1).to(torch.float32)  # (T,)
+    with torch.no_grad():
+        seq_id = torch.arange(batch, device=mask.device).repeat_interleave(seq)  # (T,)
+        flat = (seq_id[:, None] * num_experts + top_k_index).reshape(-1)  # (T·K,)
+        weights = mask[:, None].expand(-1, top_k).reshape(-1)  # (T·K,)
+        counts = torch.zeros(batch * num_experts, device=mask.device).index_add_(0, flat, weights)
+        counts = counts.view(batch, num_experts)  # (B, E)
+    prob_sums = (router_probs * mask[:, None]).view(batch, seq, num_experts).sum(1)  # (B, E)
+    lse = torch.logsumexp(router_logits.float(), dim=-1)  # (T,)
+    z_sums = (lse.square() * mask).view(batch, seq).sum(1)  # (B,)
+    num_tokens = mask.view(batch, seq).sum(1)  # (B,)
+    return counts, prob_sums, num_tokens, z_sums
+
+
+def _balance_fractions(
+    counts: torch.Tensor,
+    prob_sums: torch.Tensor,
+    num_tokens: torch.Tensor | float,
+    top_k: int,
+    count_tokens: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """f_i = counts_i / (K · count_tokens) (no grad) and P_i = prob_sums_i / num_tokens, shapes (..., E).
+
+    `count_tokens` is the number of tokens the counts were taken over (defaults to `num_tokens`): for the global
+    scope the counts (and so f) cover the whole step while P stays local.
+    """
+    dtype = torch.promote_types(prob_sums.dtype, torch.float32)  # fp32, or fp64 for gradcheck
+    num_tokens = torch.as_tensor(num_tokens, device=prob_sums.device).to(dtype)
+    count_tokens = num_tokens if count_tokens is None else torch.as_tensor(count_tokens, device=prob_sums.device)
+    f = counts.detach().to(dtype) / (top_k * count_tokens.to(dtype)).clamp_min(1.0).unsqueeze(-1)  # (..., E)
+    p = prob_sums.to(dtype) / num_tokens.clamp_min(1.0).unsqueeze(-1)  # (..., E)
+    return f, p
+
+
+def _lbl(f: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """N · Σ_n f_n · P_n over the last dim (N experts or groups), averaged over every leading dim (layers, ...)."""
+    return (f.shape[-1] * (f * p).sum(-1)).mean()
+
+
+def switch_balance_loss(
+    counts: torch.Tensor,
+    prob_sums: torch.Tensor,
+    num_tokens: torch.Tensor | float,
+    top_k: int,
+    count_tokens: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """Expert-level load-balancing loss E · Σ_i f_i · P_i, 1.0 at perfect balance, averaged over layers.
+
+    counts, prob_sums: (L, E) or (E,) (any leading dims are averaged); num_tokens: (L,) or scalar.
+    transformers' `load_balancing_loss_func` does not divide f by K (its balanced value is K), so on one layer it
+    equals K times this loss.
+    """
+    return _lbl(*_balance_fractions(counts, prob_sums, num_tokens, top_k, count_tokens))
+
+
+def group_matrix(groups: list[list[int]], num_experts: int, like: torch.Tensor) -> torch.Tensor:
+    """(E, D) 0/1 matrix (dtype and device of `like`) that sums expert columns into their group."""
+    matrix = like.new_zeros(num_experts, len(groups))
+    for d, members in enumerate(groups):
+        matrix[members, d] = 1.0
+    return matrix
+
+
+def device_balance_loss(
+    counts: torch.Tensor,
+    prob_sums: torch.Tensor,
+    num_tokens: torch.Tensor | float,
+    top_k: int,
+    groups: list[list[int]],
+    count_tokens: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """Device-level loss (DeepSeek-V2): the expert-level loss over groups as super-experts, D · Σ_d F_d · P_d with
+    F_d = Σ_{i∈d} f_i and P_d = Σ_{i∈d} P_i. 1.0 at balance; a single group is constant 1."""
+    f, p = _balance_fractions(counts, prob_sums, num_tokens, top_k, count_tokens)
+    g = group_matrix(groups, f.shape[-1], f)  # (E, D)
+    return _lbl(f @ g, p @ g)  # (..., D)
+
+
+def router_z_loss(z_sums: torch.Tensor, num_tokens: torch.Tensor | float) -> torch.Tensor:
+    """Router z-loss mean_t logsumexp(x_t)², z_sums and num_tokens (L,) or (L, B) summed per layer; mean over L."""
+    num_tokens = torch.as_tensor(num_tokens, device=z_sums.device).to(z_sums.dtype)
+    if z_sums.dim() > 1:
+        z_sums, num_tokens = z_sums.sum(-1), num_tokens.sum(-1)  # (L,)
+    return (z_sums / num_tokens.clamp_min(1.0)).mean()
+
+
+def group_sequences(stats: RouterStats, group_size: int | None) -> RouterStats:
+    """Sum the per-sequence statistics over consecutive groups of `group_size` sequences: (L, B, ·) -> (L, G, ·).
+    `None` = one group (the whole micro-batch); a last partial group is kept."""
+    batch = stats.counts.shape[1]
+    size = batch if group_size is None else min(group_size, batch)
+    group_id = torch.arange(batch, device=stats.counts.device) // size  # (B,)
+    num_groups = int((batch + size - 1) // size)
+
+    def reduce(x: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(x.shape[0], num_groups, *x.shape[2:])  # (L, G, ·)
+        return out.index_add(1, group_id, x)
+
+    return RouterStats(*(reduce(x) for x in (stats.counts, stats.prob_sums, stats.num_tokens, stats.z_sums)))
+
+
+def balance_loss(
+    config: QwenMoeGBConfig,
+    stats: RouterStats,
+    global_counts: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The configured balance losses for one micro-batch, weighted and summed, plus the unweighted parts.
+
+    `global_counts` (L, E): counts of the whole step so far (all-reduced over data-parallel ranks and buffered over
+    micro-steps), used for f when `config.balance_scope == "global"`; without it the global scope falls back to the
+    micro-batch (exact for one process and no accumulation). P is always local.
+    Parts: `lbl` (expert-level, at the configured scope), `micro_lbl` (whole micro-batch), `device_lbl`, `z_loss`.
+    """
+    k = config.num_experts_per_tok
+    micro = group_sequences(stats, None)
+    micro_args = (micro.counts, micro.prob_sums, micro.num_tokens, k)  # (L, 1, E), (L, 1)
+    if config.balance_scope == "global" and global_counts is not None:
+        f_args = (global_counts[:, None], micro.prob_sums, micro.num_tokens, k, global_counts.sum(-1, True) / k)
+    else:
+        scoped = micro
+        if config.balance_scope != "global":
+            scoped = group_sequences(stats, 1 if config.balance_scope == "sequence" else config.balance_group_size)
+        f_args = (scoped.counts, scoped.prob_sums, scoped.num_tokens, k)
+    parts = {"lbl": switch_balance_loss(*f_args[:4], *f_args[4:]), "micro_lbl": switch_balance_loss(*micro_args)}
+    total = config.router_aux_loss_coef * parts["lbl"]
+    if config.micro_balance_coef > 0 and config.balance_scope == "global":
+        total = total + config.micro_balance_coef * parts["micro_lbl"]
+    groups = config.expert_groups()
+    if groups is not None:
+        parts["device_lbl"] = device_balance_loss(*f_args[:4], groups, *f_args[4:])
+        total = total + config.device_balance_coef * parts["device_lbl"]
+    parts["z_loss"] = router_z_loss(stats.z_sums, stats.num_tokens)
+    if config.router_z_loss_coef > 0:
+        total = total + config.router_z_loss_coef * parts["z_loss"]
+    return total, parts
+
+
+# --------------------------------------------------------------------------------------------- router and MoE block
+
+
+class QwenMoeGBTopKRouter(nn.Module):
+    """Top-k router. Scores are softmax (or sigmoid) of fp32 logits; `expert_bias` (aux-free, fp32, persistent) is
+    added to the scores for top-k selection only, the gate weights come from the unbiased scores."""
+
+    def __init__(self, config: QwenMoeGBConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.num_experts
+        self.norm_topk_prob = config.norm_topk_prob
+        self.scoring_func = config.router_scoring_func
+        self.aux_free = config.aux_free
+        self.weight = nn.Parameter(torch.zeros(self.num_experts, config.hidden_size))
+        self.register_buffer("expert_bias", torch.zeros(self.num_experts, dtype=torch.float32), persistent=True)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.expert_bias.dtype != torch.float32:  # keep the bias fp32 under model.to(bf16)
+            self.expert_bias = self.expert_bias.float()
+        return self
+
+    def forward(self, hidden_states: torch.Tensor):
+        hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])  # (T, D)
+        router_logits = F.linear(hidden_states, self.weight)  # (T, E)
+        logits = router_logits.float()
+        scores = logits.softmax(-1) if self.scoring_func == "softmax" else logits.sigmoid()  # (T, E)
+        selection = scores + self.expert_bias if self.aux_free else scores
+        top_k_index = torch.topk(selection, self.top_k, dim=-1).indices  # (T, K)
+        top_k_weights = scores.gather(-1, top_k_index)  # (T, K)
+        if self.norm_topk_prob:
+            top_k_weights = top_k_weights / top_k_weights.sum(-1, keepdim=True)
+        probs = scores if self.scoring_func == "softmax" else scores / scores.sum(-1, keepdim=True)
+        return router_logits, top_k_weights.to(router_logits.dtype), top_k_index, probs
+
+
+@use_experts_implementation
+class QwenMoeGBExperts(Qwen2MoeExperts):
+    """transformers' fused Qwen2-MoE experts: gate_up_proj (E, 2I, D), down_proj (E, D, I); the forward dispatches on
+    `config._experts_implementation` (eager, batched_mm, grouped_mm)."""
+
+
+class QwenMoeGBSparseMoeBlock(nn.Module):
+    """Routed experts + optional sigmoid-gated shared expert; returns the output and this layer's router stats."""
+
+    def __init__(self, config: QwenMoeGBConfig):
+        super().__init__()
+        self.gate = QwenMoeGBTopKRouter(config)
+        self.experts = QwenMoeGBExperts(config)
+        self.shared_expert = None
+        if config.shared_expert_intermediate_size > 0:
+            self.shared_expert = Qwen2MoeMLP(config, intermediate_size=config.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor):
+        batch, seq, hidden = hidden_states.shape
+        flat = hidden_states.view(-1, hidden)  # (T, D)
+        router_logits, top_k_weights, top_k_index, probs = self.gate(flat)
+        out = self.experts(flat, top_k_index, top_k_weights)  # (T, D)
+        if self.shared_expert is not None:
+            out = out + F.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+        stats = router_statistics(router_logits, probs, top_k_index, token_mask)
+        return out.view(batch, seq, hidden), stats  # (B, S, D)
+
+
+# --------------------------------------------------------------------------------------------- decoder
+
+
+class QwenMoeGBDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: QwenMoeGBConfig, layer_idx: int):
+        super().__init__()
+        attention = Qwen3MoeAttention if config.use_qk_norm else Qwen2MoeAttention
+        self.self_attn = attention(config, layer_idx)
+        if layer_idx in config.moe_layer_indices():
+            self.mlp = QwenMoeGBSparseMoeBlock(config)
+        else:
+            self.mlp = Qwen2MoeMLP(config, intermediate_size=config.intermediate_size)
+        self.input_layernorm = Qwen2MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = Qwen2MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        token_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ):
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            hidden_states=self.input_layernorm(hidden_states),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        stats = None
+        if isinstance(self.mlp, QwenMoeGBSparseMoeBlock):
+            hidden_states, stats = self.mlp(hidden_states, token_mask)
+        else:
+            hidden_states = self.mlp(hidden_states)
+        return residual + hidden_states, stats
+
+
+class QwenMoeGBPreTrainedModel(PreTrainedModel):
+    config: QwenMoeGBConfig
+    config_class = QwenMoeGBConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["QwenMoeGBDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_record_outputs = {
+        "router_logits": OutputRecorder(QwenMoeGBTopKRouter, index=0),
+        "hidden_states": OutputRecorder(QwenMoeGBDecoderLayer, index=0),
+        "attentions": OutputRecorder(Qwen2MoeAttention, index=1),
+    }
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, Qwen2MoeExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, QwenMoeGBTopKRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+            init.zeros_(module.expert_bias)
+
+
+@dataclass
+class QwenMoeGBModelOutputWithPast(MoeModelOutputWithPast):
+    """`MoeModelOutputWithPast` + `router_stats` (`RouterStats`, shapes (L, B, E) / (L, B))."""
+
+    router_stats: RouterStats | None = None
+
+
+@dataclass
+class QwenMoeGBCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    """`MoeCausalLMOutputWithPast` + `router_stats` and `balance_loss` (the weighted micro-scope balance losses)."""
+
+    router_stats: RouterStats | None = None
+    balance_loss: torch.Tensor | None = None
+
+
+def token_mask_from(attention_mask: torch.Tensor | None, batch: int, seq: int, device: torch.device) -> torch.Tensor:
+    """(B, S) mask of real tokens for the router statistics; a 2-D attention mask covers past + current tokens."""
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        return attention_mask[:, -seq:].to(device)
+    return torch.ones(batch, seq, dtype=torch.long, device=device)
+
+
+class QwenMoeGBModel(QwenMoeGBPreTrainedModel):
+    def __init__(self, config: QwenMoeGBConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [QwenMoeGBDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = Qwen2MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = Qwen2MoeRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def moe_routers(self) -> list[QwenMoeGBTopKRouter]:
+        """The routers of the sparse layers, in layer order (the L of `router_stats`)."""
+        return [layer.mlp.gate for layer in self.layers if isinstance(layer.mlp, QwenMoeGBSparseMoeBlock)]
+
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> QwenMoeGBModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[None]
+        batch, seq = inputs_embeds.shape[:2]
+        token_mask = token_mask_from(attention_mask, batch, seq, inputs_embeds.device)
+        if not isinstance(mask_mapping := attention_mask, dict):
+            mask_kwargs = {
+                "config": self.config,
+                "inputs_embeds": inputs_embeds,
+                "attention_mask": attention_mask,
+                "past_key_values": past_key_values,
+                "position_ids": position_ids,
+            }
+            mask_mapping = {
+                "full_attention": create_causal_mask(**mask_kwargs),
+                "sliding_attention": create_sliding_window_causal_mask(**mask_kwargs),
+            }
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        layer_stats = []
+        for i, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
+            hidden_states, stats = decoder_layer(
+                hidden_states,
+                token_mask,
+                attention_mask=mask_mapping[self.config.layer_types[i]],
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
+            if stats is not None:
+                layer_stats.append(stats)
+        router_stats = None
+        if layer_stats:
+            router_stats = RouterStats(*(torch.stack(x) for x in zip(*layer_stats)))  # (L, B, E) / (L, B)
+        return QwenMoeGBModelOutputWithPast(
+            last_hidden_state=self.norm(hidden_states),
+            past_key_values=past_key_values if use_cache else None,
+            router_stats=router_stats,
+        )
+
+
+class QwenMoeGBForCausalLM(QwenMoeGBPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: QwenMoeGBConfig):
+        super().__init__(config)
+        self.model = QwenMoeGBModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        add_balance_loss: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> QwenMoeGBCausalLMOutputWithPast:
+        r"""Causal LM forward. With `labels`, `loss` = CE (+ the micro-scope balance losses when `add_balance_loss`,
+        which defaults to `self.training`); `aux_loss` is the expert-level LBL (1.0 at balance) and `router_stats`
+        carries the statistics a trainer needs for the global scope. A trainer that adds the balance loss itself
+        passes `add_balance_loss=False`."""
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        outputs: QwenMoeGBModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_router_logits=output_router_logits,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])  # (B, S, V)
+
+        aux_loss = balance = None
+        if outputs.router_stats is not None:
+            balance, parts = balance_loss(self.config, outputs.router_stats)
+            aux_loss = parts["lbl"]
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+            add = self.training if add_balance_loss is None else add_balance_loss
+            if add and balance is not None:
+                loss = loss + balance.to(loss.device)
+        return QwenMoeGBCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+            router_stats=outputs.router_stats,
+            balance_loss=balance,
+        )
+
+
+# Fused experts are saved in the per-expert Hub layout; without a registered conversion for our class names and
+# model type, a re-saved checkpoint would reload with randomly initialised experts.
+for _name in ("qwenmoe_gb", "QwenMoeGBForCausalLM", "QwenMoeGBModel"):
+    register_checkpoint_conversion_mapping(_name, get_checkpoint_conversion_mapping("qwen2_moe"), overwrite=True)
+
+__all__ = [
+    "QwenMoeGBForCausalLM",
+    "QwenMoeGBModel",
+    "QwenMoeGBPreTrainedModel",
+    "RouterStats",
+    "balance_loss",
+    "device_balance_loss",
+    "group_sequences",
+    "router_statistics",
+    "router_z_loss",
+    "switch_balance_loss",
+]

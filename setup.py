@@ -1,0 +1,34 @@
+"""QwenMoE-GB: Mixture-of-Experts language models for transformers with global-batch load balancing."""
+
+from setuptools import setup
+
+setup(
+    name="qwenmoe-gb",
+    version="0.1.0",
+    description="Hugging Face Transformers MoE models trained with global-batch load balancing (Qiu et al. 2025)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=["modeling_qwenmoe_gb", "modeling_qwenmoe_gb.configuration", "modeling_qwenmoe_gb.model_cards"],
+    package_dir={
+        "modeling_qwenmoe_gb.configuration": "configuration",
+        "modeling_qwenmoe_gb.model_cards": "model_cards",
+    },
+    package_data={
+        "modeling_qwenmoe_gb.configuration": ["*.json", "accelerate/*.yaml"],
+        "modeling_qwenmoe_gb.model_cards": ["*.md"],
+    },
+    install_requires=[
+        "torch>=2.6",
+        "transformers>=5.17,<6",
+        "accelerate>=1.10",
+        "datasets>=3.0",
+        "safetensors>=0.4",
+        "huggingface_hub>=1.0",
+        "evaluate>=0.4",
+        "matplotlib>=3.7",
+        "tqdm",
+    ],
+    extras_require={"dev": ["pytest>=8", "ruff>=0.6", "tensorboard>=2.15"]},
+)

@@ -1,0 +1,135 @@
+"""Model behaviour: dense equivalence, aux-free routing, router stats, loss wiring, generation."""
+
+import pytest
+import torch
+from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeMLP
+
+from modeling_qwenmoe_gb import QwenMoeGBForCausalLM, balance_loss
+from modeling_qwenmoe_gb.modeling_qwenmoe_gb import QwenMoeGBSparseMoeBlock, QwenMoeGBTopKRouter
+
+from .conftest import tiny_config
+
+
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm"])
+def test_one_expert_top1_equals_dense_mlp(impl):
+    cfg = tiny_config(num_experts=1, num_experts_per_tok=1, shared_expert_intermediate_size=0, norm_topk_prob=False)
+    cfg._experts_implementation = impl
+    block = QwenMoeGBSparseMoeBlock(cfg)
+    torch.nn.init.normal_(block.experts.gate_up_proj, std=0.2)
+    torch.nn.init.normal_(block.experts.down_proj, std=0.2)
+    dense = Qwen2MoeMLP(cfg, intermediate_size=cfg.moe_intermediate_size)
+    inter = cfg.moe_intermediate_size
+    with torch.no_grad():
+        dense.gate_proj.weight.copy_(block.experts.gate_up_proj[0, :inter])
+        dense.up_proj.weight.copy_(block.experts.gate_up_proj[0, inter:])
+        dense.down_proj.weight.copy_(block.experts.down_proj[0])
+    x = torch.randn(2, 5, cfg.hidden_size, requires_grad=True)
+    out, _ = block(x, torch.ones(2, 5))
+    ref = dense(x)
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn_like(out)
+    (gx,) = torch.autograd.grad(out, x, grad, retain_graph=True)
+    (rx,) = torch.autograd.grad(ref, x, grad)
+    torch.testing.assert_close(gx, rx)
+    g_gate_up, g_down = torch.autograd.grad(out, (block.experts.gate_up_proj, block.experts.down_proj), grad)
+    r_gate, r_up, r_down = torch.autograd.grad(
+        dense(x), (dense.gate_proj.weight, dense.up_proj.weight, dense.down_proj.weight), grad
+    )
+    torch.testing.assert_close(g_gate_up[0], torch.cat([r_gate, r_up]))
+    torch.testing.assert_close(g_down[0], r_down)
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_aux_free_bias_changes_selection_not_gate_weights(scoring):
+    plain = QwenMoeGBTopKRouter(tiny_config(router_scoring_func=scoring, norm_topk_prob=False))
+    biased = QwenMoeGBTopKRouter(tiny_config(router_scoring_func=scoring, aux_free=True, norm_topk_prob=False))
+    torch.nn.init.normal_(plain.weight)
+    biased.load_state_dict(plain.state_dict())
+    x = torch.randn(50, 32)
+    for a, b in zip(plain(x), biased(x)):  # zero bias: identical router
+        torch.testing.assert_close(a, b)
+    biased.expert_bias[3] = 10.0  # force expert 3 into every top-k
+    logits, weights, index, probs = biased(x)
+    assert (index == 3).any(-1).all()
+    _, _, plain_index, plain_probs = plain(x)
+    assert not (plain_index == 3).any(-1).all()
+    scores = logits.float().softmax(-1) if scoring == "softmax" else logits.float().sigmoid()
+    torch.testing.assert_close(weights, scores.gather(-1, index))  # unbiased scores of the selected experts
+    torch.testing.assert_close(probs, plain_probs)
+
+
+def test_router_stats_shapes_and_padding():
+    cfg = tiny_config()
+    model = QwenMoeGBForCausalLM(cfg).eval()
+    ids = torch.randint(1, 99, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, :3] = 0
+    out = model(ids, attention_mask=mask)
+    stats = out.router_stats
+    assert stats.counts.shape == (2, 3, 8) and stats.prob_sums.shape == (2, 3, 8)
+    assert stats.num_tokens.shape == (2, 3) and stats.z_sums.shape == (2, 3)
+    assert stats.num_tokens[:, 1].tolist() == [4.0, 4.0]
+    torch.testing.assert_close(stats.counts.sum(-1), 2 * stats.num_tokens)
+    torch.testing.assert_close(stats.prob_sums.sum(-1), stats.num_tokens)
+    # padding excluded: sequence 1 alone, unpadded, gives the same stats for its real tokens (left padding)
+    alone = model(ids[1:2, 3:]).router_stats
+    torch.testing.assert_close(alone.counts[:, 0], stats.counts[:, 1])
+
+
+def test_router_logits_output_matches_transformers_convention():
+    model = QwenMoeGBForCausalLM(tiny_config()).eval()
+    out = model(torch.randint(1, 99, (2, 5)), output_router_logits=True)
+    assert len(out.router_logits) == 2 and out.router_logits[0].shape == (10, 8)
+
+
+def test_loss_is_ce_plus_balance_in_training_only():
+    cfg = tiny_config(router_z_loss_coef=0.01, device_balance_groups=2)
+    model = QwenMoeGBForCausalLM(cfg)
+    ids = torch.randint(1, 99, (2, 9))
+    model.eval()
+    ce = model(ids, labels=ids).loss
+    model.train()
+    out = model(ids, labels=ids)
+    expected, parts = balance_loss(cfg, out.router_stats)
+    torch.testing.assert_close(out.loss, ce + expected)
+    torch.testing.assert_close(out.aux_loss, parts["lbl"])
+    torch.testing.assert_close(model(ids, labels=ids, add_balance_loss=False).loss, ce)
+    out.loss.backward()
+    assert model.model.layers[0].mlp.gate.weight.grad.abs().sum() > 0
+
+
+def test_experts_implementations_agree():
+    eager = QwenMoeGBForCausalLM(tiny_config()).eval()
+    eager.set_experts_implementation("eager")
+    assert eager.config._experts_implementation == "eager"
+    grouped = QwenMoeGBForCausalLM(tiny_config()).eval()
+    grouped.set_experts_implementation("grouped_mm")
+    grouped.load_state_dict(eager.state_dict())
+    ids = torch.randint(1, 99, (2, 6))
+    torch.testing.assert_close(eager(ids).logits, grouped(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_generate_and_bf16_keeps_fp32_bias():
+    model = QwenMoeGBForCausalLM(tiny_config(aux_free=True)).eval()
+    ids = torch.randint(1, 99, (1, 4))
+    out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 9)
+    model.to(torch.bfloat16)
+    assert model.model.layers[0].mlp.gate.expert_bias.dtype == torch.float32
+    assert model.model.layers[0].mlp.gate.weight.dtype == torch.bfloat16
+    assert torch.isfinite(model(ids).logits.float()).all()
+
+
+def test_gradient_checkpointing_gives_same_stats_and_grads():
+    cfg = tiny_config()
+    ids = torch.randint(1, 99, (2, 8))
+    plain = QwenMoeGBForCausalLM(cfg).train()
+    ckpt = QwenMoeGBForCausalLM(cfg).train()
+    ckpt.load_state_dict(plain.state_dict())
+    ckpt.gradient_checkpointing_enable()
+    a, b = plain(ids, labels=ids), ckpt(ids, labels=ids)
+    torch.testing.assert_close(a.router_stats.counts, b.router_stats.counts)
+    a.loss.backward()
+    b.loss.backward()
+    ga = plain.model.layers[1].mlp.gate.weight.grad
+    torch.testing.assert_close(ga, ckpt.model.layers[1].mlp.gate.weight.grad)
