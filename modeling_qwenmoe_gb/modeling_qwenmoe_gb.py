@@ -354,6 +354,8 @@ class QwenMoeGBPreTrainedModel(PreTrainedModel):
         elif isinstance(module, QwenMoeGBTopKRouter):
             init.normal_(module.weight, mean=0.0, std=std)
             init.zeros_(module.expert_bias)
+        elif isinstance(module, QwenMoeGBModel):
+            init.zeros_(module.step_expert_counts)
 
 
 @dataclass
@@ -390,6 +392,10 @@ class QwenMoeGBModel(QwenMoeGBPreTrainedModel):
         self.norm = Qwen2MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = Qwen2MoeRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
+        # Expert selection counts of the current optimizer step, all-reduced over data-parallel ranks and summed over
+        # gradient-accumulation micro-steps by the trainer's balancer; reset at each optimizer step. int64: exact.
+        num_moe = len(config.moe_layer_indices())
+        self.register_buffer("step_expert_counts", torch.zeros(num_moe, config.num_experts, dtype=torch.long), False)
         self.post_init()
 
     def moe_routers(self) -> list[QwenMoeGBTopKRouter]:

@@ -1,0 +1,177 @@
+"""Global-batch load balancing for any training loop (Qiu et al. 2025, Algorithm 1).
+
+Features
+- `GlobalBalancer(model)`: turns one micro-step's `router_stats` into the configured balance loss. For
+  `balance_scope="global"`, f comes from the expert counts all-reduced over the data-parallel group (ONE collective per
+  micro-step: all layers' counts stacked into an (L, E) int64 tensor) and summed over the micro-steps of the current
+  optimizer step so far, kept in the model's `step_expert_counts` buffer; P stays local.
+- Counting happens only when the model is training and grad is enabled: eval never touches the buffer, and gradient
+  checkpointing cannot count twice (statistics are forward outputs, not side effects of the recompute).
+- `GlobalBalancer.step()`, called once per optimizer step after the last micro-step and before `optimizer.step()`:
+  updates the aux-free biases from the step's global counts (`b += u · sign(mean(c) − c)` per layer; identical on
+  every rank) and resets the buffer. `register_step_hook(optimizer)` does that as an optimizer step pre-hook.
+- Sub-groups of a given size (`sync_group_size`) emulate "synchronise within a node" for a balance-BSZ sweep.
+- Metrics per optimizer step (per layer and mean): global and micro LBL, MaxVio global and micro, z-loss, bias spread.
+
+Loss-scale rule (the same for every scope): the objective of one optimizer step is the mean, over data-parallel
+ranks × accumulation micro-steps, of the per-micro-batch balance loss. The loss a micro-step returns is therefore a
+per-micro-batch mean; the loop divides it by the number of accumulation steps and DDP averages the gradients over
+ranks. At a fixed global batch the router gradient does not depend on how the batch is split.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .modeling_qwenmoe_gb import RouterStats, _balance_fractions, balance_loss
+
+
+def find_moe_model(model: nn.Module) -> nn.Module:
+    """The `QwenMoeGBModel` inside a model (through DDP / FSDP / PEFT / accelerate wrappers, or Hub remote code)."""
+    for module in model.modules():
+        if type(module).__name__ == "QwenMoeGBModel":
+            return module
+    raise ValueError(f"model={type(model).__name__} holds no QwenMoeGBModel: allowed QwenMoE-GB models only")
+
+
+def max_violation(counts: torch.Tensor) -> torch.Tensor:
+    """MaxVio = (max load − mean load) / mean load per layer, counts (..., E) -> (...)."""
+    counts = counts.double()
+    mean = counts.mean(-1).clamp_min(1e-12)
+    return (counts.amax(-1) - mean) / mean
+
+
+def per_layer_lbl(counts: torch.Tensor, stats: RouterStats, top_k: int) -> torch.Tensor:
+    """E · Σ_i f_i P_i per layer (L,), f from `counts` (L, E), P from this micro-batch; no grad (a metric)."""
+    prob_sums, num_tokens = stats.prob_sums.detach().sum(1), stats.num_tokens.sum(1)  # (L, E), (L,)
+    f, p = _balance_fractions(counts, prob_sums, num_tokens, top_k, counts.sum(-1) / top_k)
+    return f.shape[-1] * (f * p).sum(-1)
+
+
+class GlobalBalancer:
+    """Balance loss of one micro-step from the model's `router_stats`, usable from any loop.
+
+    Args:
+        model: the (possibly wrapped) QwenMoE-GB model; its config decides scope and coefficients.
+        group: the data-parallel process group to all-reduce over (default: the whole world when
+            `torch.distributed` is initialised, no communication otherwise).
+        sync_group_size: all-reduce only within consecutive groups of this many ranks (a balance-BSZ between micro and
+            global); must divide the world size.
+    """
+
+    def __init__(self, model: nn.Module, group: dist.ProcessGroup | None = None, sync_group_size: int | None = None):
+        self.moe_model = find_moe_model(model)
+        self.config = self.moe_model.config
+        self.group = group
+        if sync_group_size is not None:
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            if sync_group_size < 1 or world % sync_group_size:
+                raise ValueError(f"sync_group_size={sync_group_size} must be a positive divisor of world size {world}")
+            if dist.is_initialized():
+                self.group, _ = dist.new_subgroups(group_size=sync_group_size)
+        self._sums: dict[str, torch.Tensor] = defaultdict(lambda: 0)
+        self._micro_steps = 0
+        self._steps = 0
+        self.last_step_load: torch.Tensor | None = None  # (L, E) share of selections in the last optimizer step
+
+    # ----------------------------------------------------------------- per micro-step
+    @property
+    def step_counts(self) -> torch.Tensor:
+        """(L, E) int64 counts of the current optimizer step so far (all-reduced, buffered)."""
+        return self.moe_model.step_expert_counts
+
+    def _world(self) -> int:
+        return dist.get_world_size(self.group) if dist.is_initialized() else 1
+
+    def accumulate(self, stats: RouterStats) -> torch.Tensor:
+        """All-reduce this micro-step's (L, E) counts once and add them to the step buffer; returns the buffer."""
+        counts = stats.counts.detach().sum(1).round().to(torch.long)  # (L, B, E) -> (L, E)
+        if self._world() > 1:
+            dist.all_reduce(counts, group=self.group)
+        buffer = self.step_counts
+        buffer.add_(counts.to(buffer.device))
+        return buffer
+
+    def __call__(self, stats: RouterStats | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Weighted balance loss (per-micro-batch mean scale) and its unweighted parts for one micro-step."""
+        if stats is None:
+            return torch.zeros(()), {}
+        counting = self.moe_model.training and torch.is_grad_enabled()
+        global_counts = self.accumulate(stats) if counting else None
+        use_global = self.config.balance_scope == "global" and global_counts is not None
+        loss, parts = balance_loss(self.config, stats, global_counts if use_global else None)
+        if counting:
+            self._record(stats, parts, global_counts)
+        return loss, parts
+
+    def _record(self, stats: RouterStats, parts: dict[str, torch.Tensor], global_counts: torch.Tensor) -> None:
+        k = self.config.num_experts_per_tok
+        micro_counts = stats.counts.detach().sum(1)  # (L, E)
+        self._sums["micro_lbl"] = self._sums["micro_lbl"] + per_layer_lbl(micro_counts, stats, k)
+        self._sums["global_lbl"] = self._sums["global_lbl"] + per_layer_lbl(global_counts, stats, k)
+        self._sums["maxvio_micro"] = self._sums["maxvio_micro"] + max_violation(micro_counts)
+        self._sums["z_loss"] = self._sums["z_loss"] + parts["z_loss"].detach()
+        self._micro_steps += 1
+
+    # ----------------------------------------------------------------- per optimizer step
+    @torch.no_grad()
+    def step(self) -> None:
+        """At the optimizer step: update aux-free biases from the step's global counts, then reset the buffer."""
+        counts = self.step_counts
+        if counts.sum() == 0:
+            return
+        self._sums["maxvio_global"] = self._sums["maxvio_global"] + max_violation(counts)
+        self.last_step_load = (counts.double() / counts.sum(-1, keepdim=True).clamp_min(1)).cpu()
+        routers = self.moe_model.moe_routers()
+        if self.config.aux_free:
+            rate = self.config.aux_free_bias_update_rate
+            for router, layer_counts in zip(routers, counts.double()):
+                delta = torch.sign(layer_counts.mean() - layer_counts) * rate  # (E,)
+                router.expert_bias.add_(delta.to(router.expert_bias))
+        bias = torch.stack([r.expert_bias for r in routers])  # (L, E)
+        self._sums["bias_spread"] = self._sums["bias_spread"] + (bias.amax(-1) - bias.amin(-1)).double().cpu()
+        counts.zero_()
+        self._steps += 1
+
+    def register_step_hook(self, optimizer: torch.optim.Optimizer):
+        """Call `step()` before every `optimizer.step()` (a plain loop's alternative to the Trainer callback)."""
+        return optimizer.register_step_pre_hook(lambda *_: self.step())
+
+    # ----------------------------------------------------------------- metrics
+    def pop_metrics(self, reduce: bool = True) -> dict[str, float]:
+        """Metrics averaged since the last call (per layer and mean); micro metrics averaged over ranks too."""
+        if self._micro_steps == 0:
+            return {}
+        names = sorted(self._sums)
+        per_micro = {"micro_lbl", "global_lbl", "maxvio_micro", "z_loss"}
+        rows = []
+        for name in names:
+            value = torch.as_tensor(self._sums[name], dtype=torch.float64).cpu().reshape(-1)
+            rows.append(value / (self._micro_steps if name in per_micro else max(self._steps, 1)))
+        sizes = [len(r) for r in rows]
+        flat = torch.cat(rows)
+        if reduce and dist.is_initialized() and dist.get_world_size() > 1:
+            flat = flat.to(_comm_device())
+            dist.all_reduce(flat)
+            flat = flat.cpu() / dist.get_world_size()
+        self._sums.clear()
+        self._micro_steps = self._steps = 0
+        metrics: dict[str, float] = {}
+        for name, values in zip(names, flat.split(sizes)):
+            metrics[f"balance/{name}"] = float(values.mean())
+            if len(values) > 1:
+                metrics.update({f"balance/{name}/layer_{i}": float(v) for i, v in enumerate(values)})
+        return metrics
+
+
+def _comm_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+__all__ = ["GlobalBalancer", "find_moe_model", "max_violation", "per_layer_lbl"]

@@ -1,0 +1,84 @@
+"""`QwenMoeGBTrainer`: transformers' Trainer with global-batch load balancing.
+
+Features
+- `compute_loss` runs the model with `add_balance_loss=False`, adds the `GlobalBalancer` loss (global scope: counts
+  all-reduced over data-parallel ranks and buffered over the step's accumulation micro-steps) with the same gradient
+  scale as the micro-batch loss, whatever the world size or the number of accumulation steps.
+- `BalanceCallback.on_pre_optimizer_step` updates the aux-free biases and resets the count buffer once per step.
+- Balance metrics in the Trainer logs (TensorBoard / W&B via `report_to`) and an expert-load heatmap image in
+  TensorBoard.
+
+Scale rule, in the Trainer's two modes:
+- `num_items_in_batch` given (the model accepts loss kwargs): CE is a sum over the step's tokens divided by the
+  global token count, the Trainer neither divides by the accumulation steps nor lets DDP's mean stand (it multiplies
+  by the world size). The balance loss, a per-micro-batch mean, is divided by the accumulation steps here and left to
+  DDP's mean over ranks.
+- otherwise: CE and balance loss are both per-micro-batch means; the Trainer divides by the accumulation steps.
+(transformers' own MoE aux loss is multiplied by the world size and not divided by the accumulation steps.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.integrations import TensorBoardCallback
+
+from .balance import GlobalBalancer
+
+
+class BalanceCallback(TrainerCallback):
+    """Updates the aux-free biases and resets the step buffer after all micro-steps, before `optimizer.step()`."""
+
+    def __init__(self, balancer: GlobalBalancer):
+        self.balancer = balancer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.balancer.step()
+
+
+class QwenMoeGBTrainer(Trainer):
+    """`transformers.Trainer` for QwenMoE-GB models.
+
+    Extra args:
+        balance_sync_group_size: all-reduce expert counts only within groups of this many ranks (default: all).
+    """
+
+    def __init__(self, *args: Any, balance_sync_group_size: int | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.balancer = GlobalBalancer(self.model, sync_group_size=balance_sync_group_size)
+        self.add_callback(BalanceCallback(self.balancer))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        scaled_for_ga = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        kwargs = {"num_items_in_batch": num_items_in_batch} if scaled_for_ga else {}
+        outputs = model(**inputs, add_balance_loss=False, **kwargs)
+        loss = outputs.loss
+        if scaled_for_ga and self.args.average_tokens_across_devices:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        if model.training and torch.is_grad_enabled():
+            balance, _ = self.balancer(outputs.router_stats)
+            if scaled_for_ga:
+                balance = balance / self.current_gradient_accumulation_steps
+            loss = loss + balance.to(loss.device)
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: add the balance metrics of the steps since the last one
+            logs.update(self.balancer.pop_metrics())
+            self._log_expert_load_image()
+        super().log(logs, start_time)
+
+    def _log_expert_load_image(self) -> None:
+        load = self.balancer.last_step_load
+        if load is None or not self.is_world_process_zero():
+            return
+        for callback in self.callback_handler.callbacks:
+            writer = getattr(callback, "tb_writer", None) if isinstance(callback, TensorBoardCallback) else None
+            if writer is not None:
+                image = (load / load.max().clamp_min(1e-12)).float()  # (L, E) in [0, 1]
+                writer.add_image("balance/expert_load", image, self.state.global_step, dataformats="HW")
+
+
+__all__ = ["BalanceCallback", "QwenMoeGBTrainer"]

@@ -1,0 +1,86 @@
+"""Shared pieces of the distributed tests: one config, deterministic data, a Trainer run."""
+
+import json
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import TrainingArguments
+
+from modeling_qwenmoe_gb import QwenMoeGBConfig, QwenMoeGBForCausalLM
+from modeling_qwenmoe_gb.trainer import QwenMoeGBTrainer
+
+SEQ = 12
+MICRO = 2
+
+
+def make_config(**overrides) -> QwenMoeGBConfig:
+    fields = dict(
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        router_aux_loss_coef=0.5,
+        aux_free_bias_update_rate=0.01,
+        initializer_range=0.2,
+    )
+    fields.update(overrides)
+    return QwenMoeGBConfig(**fields)
+
+
+def batch_for(step: int, rank: int) -> torch.Tensor:
+    """(MICRO, SEQ) token ids of micro-step `step` on `rank`: different on every rank and step."""
+    gen = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randint(0, 61, (MICRO, SEQ), generator=gen)
+
+
+def repeated_sequence_dataset(n: int) -> Dataset:
+    ids = torch.randint(0, 61, (SEQ,), generator=torch.Generator().manual_seed(7)).tolist()
+    return Dataset.from_dict({"input_ids": [ids] * n, "labels": [ids] * n})
+
+
+def trainer_run(
+    out: Path,
+    scope: str,
+    batch: int,
+    accumulation: int,
+    steps: int = 1,
+    save: bool = False,
+    aux_free: bool = False,
+) -> QwenMoeGBForCausalLM:
+    """SGD(lr=1) on one repeated sequence, no clipping: the update shows the loss scale directly."""
+    torch.manual_seed(0)
+    model = QwenMoeGBForCausalLM(make_config(balance_scope=scope, aux_free=aux_free))
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        max_steps=steps,
+        learning_rate=1.0,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        logging_steps=1,
+        save_strategy="steps" if save else "no",
+        save_steps=steps,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        dataloader_drop_last=True,
+        disable_tqdm=True,
+    )
+    trainer = QwenMoeGBTrainer(model=model, args=args, train_dataset=repeated_sequence_dataset(64))
+    trainer.train()
+    if trainer.is_world_process_zero():
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, out / "params.pt")
+        (out / "log_history.json").write_text(json.dumps(trainer.state.log_history))
+    return model

@@ -1,0 +1,81 @@
+"""Worker for the 2-process gloo tests: `torchrun --nproc_per_node 2 tests/distributed_worker.py OUT_DIR`.
+
+Each scenario writes what the rank saw to OUT_DIR/<scenario>_rank<r>.pt; the parent test computes the single-process
+references and compares.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from modeling_qwenmoe_gb import QwenMoeGBForCausalLM  # noqa: E402
+from modeling_qwenmoe_gb.balance import GlobalBalancer  # noqa: E402
+from tests.dist_common import batch_for, make_config, trainer_run  # noqa: E402
+
+
+def ddp_global_vs_concat(out: Path, rank: int, scope: str) -> None:
+    """2 ranks × micro-batch 2, no accumulation: loss, counts and DDP-averaged gradients (float64)."""
+    model = QwenMoeGBForCausalLM(make_config(balance_scope=scope)).double().train()
+    model.set_experts_implementation("eager")  # grouped_mm has no float64 kernel
+    model.load_state_dict(torch.load(out / "init.pt"))
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    balancer = GlobalBalancer(ddp)
+    ids = batch_for(step=0, rank=rank)
+    outputs = ddp(input_ids=ids, labels=ids, add_balance_loss=False)
+    balance, parts = balancer(outputs.router_stats)
+    loss = outputs.loss + balance
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    torch.save(
+        {"loss": loss.detach(), "balance": balance.detach(), "counts": balancer.step_counts.clone(), "grads": grads},
+        out / f"ddp_{scope}_rank{rank}.pt",
+    )
+
+
+def accumulation_buffer(out: Path, rank: int) -> None:
+    """2 ranks × 4 accumulation micro-steps: the step buffer after each micro-step, then after the optimizer step."""
+    model = QwenMoeGBForCausalLM(make_config(aux_free=True)).train()
+    model.load_state_dict(torch.load(out / "init_f32.pt"))
+    balancer = GlobalBalancer(model)
+    buffers, losses = [], []
+    for micro in range(4):
+        ids = batch_for(step=micro, rank=rank)
+        outputs = model(input_ids=ids, labels=ids, add_balance_loss=False)
+        balance, parts = balancer(outputs.router_stats)
+        (outputs.loss + balance / 4).backward()
+        buffers.append(balancer.step_counts.clone())
+        losses.append(parts["lbl"].detach())
+    balancer.step()
+    biases = torch.stack([r.expert_bias.clone() for r in model.model.moe_routers()])
+    with torch.no_grad():  # eval must not touch the buffer
+        model.eval()
+        model(input_ids=batch_for(step=0, rank=rank), labels=batch_for(step=0, rank=rank))
+        balancer(model(input_ids=batch_for(step=0, rank=rank)).router_stats)
+    torch.save(
+        {"buffers": buffers, "lbl": losses, "after_step": balancer.step_counts.clone(), "biases": biases},
+        out / f"accum_rank{rank}.pt",
+    )
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    rank = int(os.environ["RANK"])
+    os.environ["ACCELERATE_USE_CPU"] = "1"
+    dist.init_process_group("gloo")
+    for scope in ("global", "micro"):
+        ddp_global_vs_concat(out, rank, scope)
+    accumulation_buffer(out, rank)
+    for scope in ("micro", "global"):
+        trainer_run(out / f"trainer_{scope}_2x1x2", scope, batch=2, accumulation=1)
+    trainer_run(out / "trainer_logged", "global", batch=2, accumulation=2, steps=3, save=True, aux_free=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""The balancer in one process: plain accelerate loop, metrics, eval and checkpointing guards, TensorBoard image."""
+
+import pytest
+import torch
+from accelerate import Accelerator
+from transformers import TrainingArguments
+
+from modeling_qwenmoe_gb import QwenMoeGBForCausalLM
+from modeling_qwenmoe_gb.balance import GlobalBalancer, max_violation, per_layer_lbl
+from modeling_qwenmoe_gb.trainer import QwenMoeGBTrainer
+
+from .dist_common import batch_for, make_config, repeated_sequence_dataset
+
+
+def test_plain_accelerate_loop_with_step_hook():
+    accelerator = Accelerator(gradient_accumulation_steps=2, cpu=True)
+    model = QwenMoeGBForCausalLM(make_config(aux_free=True))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    balancer = GlobalBalancer(model)
+    balancer.register_step_hook(optimizer.optimizer)
+    seen_counts = []
+    for micro in range(4):
+        with accelerator.accumulate(model):
+            ids = batch_for(step=micro, rank=0)
+            out = model(input_ids=ids, labels=ids, add_balance_loss=False)
+            loss = out.loss + balancer(out.router_stats)[0]
+            seen_counts.append(out.router_stats.counts.sum(1).long())
+            accelerator.backward(loss)
+            if micro == 0:
+                torch.testing.assert_close(balancer.step_counts, seen_counts[0])
+            optimizer.step()
+            optimizer.zero_grad()
+    assert balancer.step_counts.sum() == 0  # reset by the hook at each of the 2 optimizer steps
+    bias = model.model.layers[0].mlp.gate.expert_bias
+    assert bias.abs().max() <= 2 * model.config.aux_free_bias_update_rate + 1e-9
+    assert bias.abs().sum() > 0
+    metrics = balancer.pop_metrics()
+    assert metrics["balance/bias_spread"] > 0 and "balance/maxvio_global/layer_0" in metrics
+
+
+def test_max_violation_and_per_layer_lbl_by_hand():
+    counts = torch.tensor([[4.0, 2.0, 2.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
+    torch.testing.assert_close(max_violation(counts), torch.tensor([1.0, 0.0], dtype=torch.float64))
+    model = QwenMoeGBForCausalLM(make_config()).eval()
+    stats = model(input_ids=batch_for(0, 0)).router_stats
+    lbl = per_layer_lbl(stats.counts.sum(1), stats, 2)
+    f = stats.counts.sum(1) / stats.counts.sum((1, 2))[:, None]
+    p = stats.prob_sums.sum(1) / stats.num_tokens.sum(1)[:, None]
+    torch.testing.assert_close(lbl, 8 * (f * p).sum(-1))
+
+
+def test_gradient_checkpointing_counts_once_and_eval_counts_nothing():
+    model = QwenMoeGBForCausalLM(make_config()).train()
+    model.gradient_checkpointing_enable()
+    balancer = GlobalBalancer(model)
+    ids = batch_for(0, 0)
+    out = model(input_ids=ids, labels=ids, add_balance_loss=False)
+    (out.loss + balancer(out.router_stats)[0]).backward()
+    torch.testing.assert_close(balancer.step_counts, out.router_stats.counts.sum(1).long())
+    before = balancer.step_counts.clone()
+    model.eval()
+    with torch.no_grad():
+        balancer(model(input_ids=ids).router_stats)
+    torch.testing.assert_close(balancer.step_counts, before)
+
+
+def test_trainer_eval_loss_is_ce_and_tensorboard_gets_the_heatmap(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = QwenMoeGBForCausalLM(make_config())
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=2,
+        logging_steps=1,
+        report_to=["tensorboard"],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    data = repeated_sequence_dataset(8)
+    trainer = QwenMoeGBTrainer(model=model, args=args, train_dataset=data, eval_dataset=data)
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert trainer.balancer.step_counts.sum() == 0
+    model.eval()
+    ids = torch.tensor(data["input_ids"][:2])
+    with torch.no_grad():
+        ce = model(input_ids=ids, labels=ids).loss
+    assert metrics["eval_loss"] == pytest.approx(ce.item(), rel=1e-5)
+    (event_dir,) = {p.parent for p in tmp_path.rglob("events.out.tfevents*")}
+    events = EventAccumulator(str(event_dir), size_guidance={"images": 0})
+    events.Reload()
+    assert "balance/expert_load" in events.Tags()["images"]
+    assert "train/balance/global_lbl" in events.Tags()["scalars"]

@@ -1,0 +1,178 @@
+"""2 CPU processes (torchrun, gloo) against single-process references computed here, in the parent."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Trainer, TrainingArguments
+
+from modeling_qwenmoe_gb import QwenMoeGBForCausalLM, balance_loss, switch_balance_loss
+from modeling_qwenmoe_gb.balance import GlobalBalancer
+
+from .dist_common import batch_for, make_config, repeated_sequence_dataset, trainer_run
+
+pytestmark = pytest.mark.distributed
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    torch.manual_seed(0)
+    model = QwenMoeGBForCausalLM(make_config()).double()
+    torch.save(model.state_dict(), out / "init.pt")
+    torch.save(QwenMoeGBForCausalLM(make_config(aux_free=True)).state_dict(), out / "init_f32.pt")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    result = subprocess.run(
+        [*cmd, str(ROOT / "tests" / "distributed_worker.py"), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return out
+
+
+def reference_model(out: Path, scope: str) -> QwenMoeGBForCausalLM:
+    model = QwenMoeGBForCausalLM(make_config(balance_scope=scope)).double().train()
+    model.set_experts_implementation("eager")
+    model.load_state_dict(torch.load(out / "init.pt"))
+    return model
+
+
+def test_global_scope_two_ranks_equal_one_process_on_the_concatenation(workdir):
+    model = reference_model(workdir, "global")
+    ids = [batch_for(step=0, rank=r) for r in range(2)]
+    all_ids = torch.cat(ids)
+    out = model(input_ids=all_ids, labels=all_ids, add_balance_loss=False)
+    balance, _ = GlobalBalancer(model)(out.router_stats)
+    (out.loss + balance).backward()
+    counts_all = out.router_stats.counts.sum(1)  # (L, E)
+    for rank in range(2):
+        seen = torch.load(workdir / f"ddp_global_rank{rank}.pt")
+        torch.testing.assert_close(seen["counts"], counts_all.long(), rtol=0, atol=0)
+        with torch.no_grad():
+            local = model(input_ids=ids[rank], labels=ids[rank], add_balance_loss=False)
+            expected, _ = balance_loss(model.config, local.router_stats, global_counts=counts_all)
+        torch.testing.assert_close(seen["balance"], expected, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(seen["loss"], local.loss + expected, rtol=1e-6, atol=1e-9)
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(seen["grads"][name], param.grad, rtol=1e-6, atol=1e-9, msg=name)
+
+
+def test_micro_scope_differs_from_the_global_reference(workdir):
+    ids = [batch_for(step=0, rank=r) for r in range(2)]
+    glob = reference_model(workdir, "global")
+    all_ids = torch.cat(ids)
+    out = glob(input_ids=all_ids, labels=all_ids, add_balance_loss=False)
+    (out.loss + GlobalBalancer(glob)(out.router_stats)[0]).backward()
+    micro = reference_model(workdir, "micro")
+    for rank_ids in ids:  # the micro objective: mean over ranks of each rank's own micro-batch loss
+        o = micro(input_ids=rank_ids, labels=rank_ids)
+        (o.loss / 2).backward()
+    seen = torch.load(workdir / "ddp_micro_rank0.pt")
+    name = "model.layers.0.mlp.gate.weight"
+    torch.testing.assert_close(seen["grads"][name], dict(micro.named_parameters())[name].grad, rtol=1e-6, atol=1e-9)
+    gap = (seen["grads"][name] - dict(glob.named_parameters())[name].grad).abs().max()
+    assert gap > 1e-4, f"micro and global router gradients agree ({gap}): the test could not tell them apart"
+
+
+def test_accumulation_buffer_uses_micro_steps_one_to_m_of_both_ranks(workdir):
+    model = QwenMoeGBForCausalLM(make_config(aux_free=True)).train()
+    model.load_state_dict(torch.load(workdir / "init_f32.pt"))
+    running = torch.zeros(2, 8, dtype=torch.long)
+    ranks = [torch.load(workdir / f"accum_rank{r}.pt") for r in range(2)]
+    with torch.no_grad():
+        for micro in range(4):
+            for rank in range(2):
+                running += model(input_ids=batch_for(step=micro, rank=rank)).router_stats.counts.sum(1).long()
+            for rank, seen in enumerate(ranks):
+                torch.testing.assert_close(seen["buffers"][micro], running, rtol=0, atol=0)
+                stats = model(input_ids=batch_for(step=micro, rank=rank)).router_stats
+                expected = switch_balance_loss(
+                    running, stats.prob_sums.sum(1), stats.num_tokens.sum(1), 2, running.sum(-1) / 2
+                )
+                torch.testing.assert_close(seen["lbl"][micro], expected, rtol=1e-5, atol=1e-7)
+    rate = model.config.aux_free_bias_update_rate
+    expected_bias = rate * torch.sign(running.double().mean(-1, keepdim=True) - running.double())
+    for seen in ranks:
+        assert seen["after_step"].sum() == 0  # reset at the optimizer step; the eval forward added nothing
+        torch.testing.assert_close(seen["biases"], expected_bias.float(), rtol=0, atol=1e-9)
+    torch.testing.assert_close(ranks[0]["biases"], ranks[1]["biases"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scope", ["micro", "global"])
+def test_update_does_not_depend_on_the_split_of_the_step(workdir, tmp_path, scope):
+    """One sequence repeated: 1 rank × 1 × 4, 1 rank × 4 accumulation × 1 and 2 ranks × 1 × 2 give one update."""
+    split_2x1x2 = torch.load(workdir / f"trainer_{scope}_2x1x2" / "params.pt")
+    for name, batch, accumulation in (("1x1x4", 4, 1), ("1x4x1", 1, 4)):
+        model = trainer_run(tmp_path / name, scope, batch=batch, accumulation=accumulation)
+        params = dict(model.named_parameters())
+        for key in ("model.layers.0.mlp.gate.weight", "model.layers.1.mlp.gate.weight", "lm_head.weight"):
+            torch.testing.assert_close(params[key].detach(), split_2x1x2[key], rtol=1e-5, atol=2e-6, msg=name + key)
+
+
+def stock_qwen2_moe_update(out: Path, batch: int, accumulation: int) -> torch.Tensor:
+    torch.manual_seed(0)
+    cfg = make_config().to_dict()
+    cfg.pop("model_type", None)
+    model = Qwen2MoeForCausalLM(Qwen2MoeConfig(**{**cfg, "output_router_logits": True, "router_aux_loss_coef": 1.0}))
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        learning_rate=1.0,
+        optim="sgd",
+        max_grad_norm=0.0,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    Trainer(model=model, args=args, train_dataset=repeated_sequence_dataset(16)).train()
+    return model.model.layers[0].mlp.gate.weight.detach().clone()
+
+
+def test_the_split_test_catches_transformers_aux_loss_scaling(tmp_path):
+    """The same check fails for transformers' own Qwen2-MoE + Trainer (its aux loss is not divided by GA)."""
+    whole = stock_qwen2_moe_update(tmp_path / "a", batch=4, accumulation=1)
+    accumulated = stock_qwen2_moe_update(tmp_path / "b", batch=1, accumulation=4)
+    assert (whole - accumulated).abs().max() > 1e-3
+
+
+def test_real_trainer_two_processes_logs_metrics_and_saves_a_checkpoint(workdir):
+    run = workdir / "trainer_logged"
+    history = json.loads((run / "log_history.json").read_text())
+    train_logs = [h for h in history if "loss" in h]
+    assert len(train_logs) == 3
+    for key in (
+        "balance/global_lbl",
+        "balance/micro_lbl",
+        "balance/maxvio_global",
+        "balance/maxvio_micro",
+        "balance/z_loss",
+        "balance/bias_spread",
+        "balance/global_lbl/layer_1",
+    ):
+        assert key in train_logs[-1], key
+    assert all(h["balance/micro_lbl"] >= 1.0 - 1e-6 for h in train_logs)  # E·Σ f P >= 1 when f = P-ish
+    assert train_logs[-1]["balance/bias_spread"] > 0  # aux-free biases moved
+    reloaded = AutoModelForCausalLM.from_pretrained(run / "checkpoint-3")
+    final = torch.load(run / "params.pt")
+    for name, param in reloaded.named_parameters():
+        torch.testing.assert_close(param, final[name], rtol=0, atol=0, msg=name)
+    assert reloaded.model.layers[0].mlp.gate.expert_bias.abs().sum() > 0
