@@ -31,4 +31,5 @@ setup(
         "tqdm",
     ],
     extras_require={"dev": ["pytest>=8", "ruff>=0.6", "tensorboard>=2.15"]},
+    entry_points={"console_scripts": ["qwenmoe-gb=modeling_qwenmoe_gb.cli:main"]},
 )

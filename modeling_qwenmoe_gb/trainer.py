@@ -7,6 +7,10 @@ Features
 - `BalanceCallback.on_pre_optimizer_step` updates the aux-free biases and resets the count buffer once per step.
 - Balance metrics in the Trainer logs (TensorBoard / W&B via `report_to`) and an expert-load heatmap image in
   TensorBoard.
+- `train_batch_sampler`: a batch sampler (e.g. `data.DomainBatchSampler`, domain-pure micro-batches) used for the
+  training DataLoader; accelerate deals its batches round-robin to the ranks.
+- Resuming (`resume_from_checkpoint`) and `load_best_model_at_end` restore the fused expert weights, which the stock
+  Trainer's raw `load_state_dict` on the per-expert checkpoint files leaves untouched (transformers#48805).
 
 Scale rule, in the Trainer's two modes:
 - `num_items_in_batch` given (the model accepts loss kwargs): CE is a sum over the step's tokens divided by the
@@ -19,9 +23,11 @@ Scale rule, in the Trainer's two modes:
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader, Sampler
 from transformers import Trainer, TrainerCallback
 from transformers.integrations import TensorBoardCallback
 
@@ -43,12 +49,52 @@ class QwenMoeGBTrainer(Trainer):
 
     Extra args:
         balance_sync_group_size: all-reduce expert counts only within groups of this many ranks (default: all).
+        train_batch_sampler: batch sampler of the training DataLoader (default: the Trainer's own sampler).
     """
 
-    def __init__(self, *args: Any, balance_sync_group_size: int | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        balance_sync_group_size: int | None = None,
+        train_batch_sampler: Sampler | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.balancer = GlobalBalancer(self.model, sync_group_size=balance_sync_group_size)
         self.add_callback(BalanceCallback(self.balancer))
+        self.train_batch_sampler = train_batch_sampler
+
+    def get_train_dataloader(self) -> DataLoader:
+        if self.train_batch_sampler is None:
+            return super().get_train_dataloader()
+        loader = DataLoader(
+            self.train_dataset,
+            batch_sampler=self.train_batch_sampler,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available(),
+        )
+        return self.accelerator.prepare(loader)
+
+    def _restore_weights(self, checkpoint: str) -> bool:
+        """Load a saved checkpoint into `self.model` through `from_pretrained` (which converts the per-expert Hub
+        layout back to fused experts). Returns False where the stock path must run (FSDP, DeepSpeed, PEFT)."""
+        has_weights = any(
+            os.path.isfile(os.path.join(checkpoint, f)) for f in ("model.safetensors", "model.safetensors.index.json")
+        )
+        if not has_weights or self.is_fsdp_enabled or self.is_deepspeed_enabled or hasattr(self.model, "peft_config"):
+            return False
+        saved = type(self.model).from_pretrained(checkpoint, dtype=self.model.dtype)
+        self.model.load_state_dict(saved.state_dict())
+        return True
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if model is not None and model is not self.model or not self._restore_weights(resume_from_checkpoint):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self):
+        if not self._restore_weights(self.state.best_model_checkpoint):
+            super()._load_best_model()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         scaled_for_ga = self.model_accepts_loss_kwargs and num_items_in_batch is not None

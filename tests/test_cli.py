@@ -1,0 +1,104 @@
+"""The main job end to end at a tiny size: pretrain -> evaluate -> analyze, model card, push, resume."""
+
+import json
+from unittest import mock
+
+import pytest
+import torch
+
+from modeling_qwenmoe_gb import QwenMoeGBForCausalLM
+from modeling_qwenmoe_gb.cli import main, pretrain
+from modeling_qwenmoe_gb.hub import push_folder
+
+TINY = [
+    "--max_steps", "6",
+    "--synthetic_docs", "40",
+    "--per_device_train_batch_size", "2",
+    "--gradient_accumulation_steps", "2",
+    "--seq_len", "64",
+    "--eval_max_sequences", "4",
+    "--logging_steps", "3",
+    "--save_steps", "3",
+    "--disable_tqdm", "true",
+    "--use_cpu", "true",
+    "--config_overrides", '{"num_hidden_layers": 2}',
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pretrain")
+    result = pretrain([*TINY, "--output_dir", str(out), "--aux_free", "true"])
+    return out, result
+
+
+def test_pretrain_writes_model_eval_analysis_and_card(run_dir):
+    out, result = run_dir
+    for name in ("model.safetensors", "config.json", "modeling_qwenmoe_gb.py", "README.md", "eval.json",
+                 "specialization.json", "expert_heatmap.png", "topk_scores.png", "data_info.json"):  # fmt: skip
+        assert (out / name).is_file(), name
+    report = json.loads((out / "eval.json").read_text())
+    assert set(report["domains"]) == {"arithmetic", "dna", "prose", "code"}
+    for values in report["domains"].values():
+        assert 1.0 < values["ppl"] < 259.0  # better than uniform over the byte vocabulary
+    assert report["average_ppl"] == pytest.approx(sum(v["ppl"] for v in report["domains"].values()) / 4)
+    spec = json.loads((out / "specialization.json").read_text())
+    assert 0.0 <= spec["specialization_kl"] <= torch.log(torch.tensor(4.0)).item() + 1e-6  # I(D; E) <= log |D|
+    for domain, freq in spec["frequency"].items():
+        assert torch.tensor(freq, dtype=torch.float64).sum(-1).allclose(torch.tensor(2.0, dtype=torch.float64))
+        assert 2 / 8 - 1e-6 <= spec["max_expert_frequency"][domain] <= 1.0
+    assert (out / "expert_heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    card = (out / "README.md").read_text()
+    assert f"{report['average_ppl']:.3f}" in card and f"{spec['specialization_kl']:.4f}" in card
+    assert "balance_scope" in card and "global" in card
+
+
+def test_evaluate_and_analyze_commands_reload_the_checkpoint(run_dir, tmp_path, capsys):
+    out, _ = run_dir
+    main(["evaluate", "--model", str(out), "--out", str(tmp_path), "--seq_len", "64", "--eval_max_sequences", "4"])
+    assert "| **average** |" in capsys.readouterr().out
+    again = json.loads((tmp_path / "eval.json").read_text())
+    original = json.loads((out / "eval.json").read_text())
+    assert again["average_ppl"] == pytest.approx(original["average_ppl"], rel=1e-5)
+    main(["analyze", "--model", str(out), "--out", str(tmp_path), "--seq_len", "64", "--eval_max_sequences", "4"])
+    assert (tmp_path / "expert_heatmap.png").is_file() and "specialization KL" in capsys.readouterr().out
+
+
+def test_push_uploads_weights_code_and_card_with_a_mocked_api(run_dir):
+    out, _ = run_dir
+    api = mock.MagicMock()
+    push_folder(out, "someone/qwenmoe-gb-tiny", api=api)
+    api.create_repo.assert_called_once_with("someone/qwenmoe-gb-tiny", private=False, exist_ok=True, repo_type="model")
+    kwargs = api.upload_folder.call_args.kwargs
+    assert kwargs["repo_id"] == "someone/qwenmoe-gb-tiny" and kwargs["folder_path"] == str(out)
+    uploaded = {p.name for p in out.iterdir() if p.is_file()}
+    assert {"model.safetensors", "config.json", "configuration_qwenmoe_gb.py", "modeling_qwenmoe_gb.py",
+            "README.md"} <= uploaded  # fmt: skip
+    assert "checkpoint-*" in kwargs["ignore_patterns"]
+    with pytest.raises(ValueError, match="is not a saved QwenMoE-GB checkpoint"):
+        push_folder(out / "nowhere", "someone/x", api=api)
+
+
+def test_resume_restores_experts_and_matches_the_uninterrupted_run(run_dir, tmp_path):
+    out, _ = run_dir
+    resumed = tmp_path / "resumed"
+    pretrain([*TINY, "--output_dir", str(resumed), "--aux_free", "true",
+              "--resume_from_checkpoint", str(out / "checkpoint-3")])  # fmt: skip
+    a = QwenMoeGBForCausalLM.from_pretrained(out)
+    b = QwenMoeGBForCausalLM.from_pretrained(resumed)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
+    history = json.loads((resumed / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    original = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    assert [h["loss"] for h in history if "loss" in h] == [h["loss"] for h in original if "loss" in h]
+
+
+def test_bad_input_fails_before_training(tmp_path):
+    with pytest.raises(ValueError, match="seq_len=4096 is above the model's max_position_embeddings=512"):
+        pretrain([*TINY, "--output_dir", str(tmp_path / "a"), "--seq_len", "4096"])
+    with pytest.raises(ValueError, match="balance_scope='nope' is unknown"):
+        pretrain([*TINY, "--output_dir", str(tmp_path / "b"), "--balance_scope", "nope"])
+    with pytest.raises(ValueError, match="has no domains"):
+        (tmp_path / "empty").mkdir()
+        pretrain([*TINY, "--output_dir", str(tmp_path / "c"), "--data", str(tmp_path / "empty")])
+    assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())

@@ -1,0 +1,131 @@
+"""Data: deterministic synthetic corpus, local and Hub loading through datasets, packing, the domain sampler."""
+
+import json
+from collections import Counter
+
+import pytest
+from accelerate.data_loader import BatchSamplerShard
+
+from modeling_qwenmoe_gb.data import (
+    SYNTHETIC_DOMAINS,
+    ByteTokenizer,
+    DomainBatchSampler,
+    load_corpus,
+    pack_corpus,
+    pack_documents,
+    parse_weights,
+    synthetic_corpus,
+)
+
+
+def test_synthetic_corpus_is_deterministic_and_domains_differ():
+    a, b = synthetic_corpus(20, 5, seed=3), synthetic_corpus(20, 5, seed=3)
+    assert a == b and set(a) == set(SYNTHETIC_DOMAINS)
+    assert synthetic_corpus(20, 5, seed=4) != a
+    histograms = {}
+    for domain, splits in a.items():
+        counts = Counter("".join(splits["train"]))
+        total = sum(counts.values())
+        histograms[domain] = {ch: n / total for ch, n in counts.items()}
+    for x in SYNTHETIC_DOMAINS:  # byte distributions are far apart (total variation > 0.4)
+        for y in SYNTHETIC_DOMAINS:
+            if x < y:
+                keys = set(histograms[x]) | set(histograms[y])
+                tv = 0.5 * sum(abs(histograms[x].get(k, 0) - histograms[y].get(k, 0)) for k in keys)
+                assert tv > 0.4, (x, y, tv)
+
+
+def test_packing_joins_documents_with_eos():
+    tok = ByteTokenizer()
+    packed = pack_documents(["ab", "cde"], tok, seq_len=3)
+    assert packed.tolist() == [[97, 98, 258], [99, 100, 101]]
+
+
+def test_sampler_micro_batches_are_domain_pure_per_rank_and_follow_the_weights():
+    sizes = [50, 80, 60, 40]
+    weights = [1.0, 2.0, 1.0, 0.0]
+    sampler = DomainBatchSampler(sizes, batch_size=4, weights=weights, num_batches=4000, seed=1)
+    offsets = sampler.offsets
+
+    def domain_of(index):
+        return max(d for d, o in enumerate(offsets) if index >= o)
+
+    batches = list(sampler)
+    assert batches == list(DomainBatchSampler(sizes, 4, weights, 4000, seed=1))  # deterministic
+    domains = []
+    for batch in batches:
+        ds = {domain_of(i) for i in batch}
+        assert len(ds) == 1 and len(set(batch)) == 4
+        domains.append(ds.pop())
+    share = Counter(domains)
+    assert share[3] == 0
+    for d, w in enumerate(weights[:3]):
+        assert share[d] / len(domains) == pytest.approx(w / 4, abs=0.03)
+    ranks = [list(BatchSamplerShard(sampler, num_processes=2, process_index=r)) for r in range(2)]
+    assert ranks[0] == batches[0::2] and ranks[1] == batches[1::2]  # each rank gets its own micro-batches
+    same_step = sum(domain_of(a[0]) == domain_of(b[0]) for a, b in zip(*ranks)) / len(ranks[0])
+    assert same_step < 0.5  # ranks mostly see different domains in the same micro-step
+
+
+def test_parse_weights_errors():
+    assert parse_weights("b=2", ["a", "b"]) == [0.0, 2.0]
+    with pytest.raises(ValueError, match="domain_weights names domain 'c'"):
+        parse_weights("c=1", ["a", "b"])
+    with pytest.raises(ValueError, match="must be finite and >= 0"):
+        parse_weights("a=-1", ["a", "b"])
+    with pytest.raises(ValueError, match="at least one weight"):
+        parse_weights("a=0", ["a", "b"])
+
+
+def write_domains(root, with_txt=False):
+    for domain, word in (("alpha", "aaa bbb "), ("beta", "123 456 ")):
+        folder = root / domain
+        folder.mkdir(parents=True)
+        for split, n in (("train", 12), ("test", 3)):
+            rows = [{"text": word * (5 + i), "domain": domain} for i in range(n)]
+            (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    if with_txt:
+        (root / "gamma" / "train").mkdir(parents=True)
+        for i in range(3):
+            (root / "gamma" / "train" / f"{i}.txt").write_text(f"line one {i}\nline two {i}\n")
+
+
+def test_local_jsonl_and_text_folders_through_datasets(tmp_path):
+    write_domains(tmp_path, with_txt=True)
+    corpus = load_corpus(str(tmp_path))
+    assert sorted(corpus) == ["alpha", "beta", "gamma"]
+    assert len(corpus["alpha"]["train"]) == 12 and len(corpus["alpha"]["test"]) == 3
+    assert corpus["gamma"]["train"][0] == "line one 0\nline two 0\n"  # a file is a document
+    packed = pack_corpus(corpus, ByteTokenizer(), 16, "train")
+    assert packed.domains == ["alpha", "beta", "gamma"] and all(n > 0 for n in packed.sizes)
+    assert load_corpus(str(tmp_path), max_docs=4)["beta"]["train"] == corpus["beta"]["train"][:4]
+
+
+def test_hub_loader_by_name_with_a_domain_column(tmp_path):
+    write_domains(tmp_path / "mixed_src")
+    repo = tmp_path / "mixed"
+    repo.mkdir()
+    rows = [json.loads(line) for d in ("alpha", "beta") for line in (tmp_path / "mixed_src" / d / "train.jsonl").open()]
+    (repo / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    corpus = load_corpus(f"hub:{repo}", domain_column="domain", max_docs=10)
+    assert sorted(corpus) == ["alpha", "beta"]
+    assert len(corpus["alpha"]["train"]) + len(corpus["alpha"]["test"]) == 10
+    per_domain = load_corpus(f"hub:a={tmp_path / 'mixed_src' / 'alpha'},b={tmp_path / 'mixed_src' / 'beta'}")
+    assert sorted(per_domain) == ["a", "b"]
+
+
+def test_bad_data_folders_fail_clearly(tmp_path):
+    with pytest.raises(ValueError, match="has no domains"):
+        load_corpus(str(tmp_path))
+    with pytest.raises(ValueError, match="is not a folder"):
+        load_corpus(str(tmp_path / "missing"))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train.jsonl").write_text(json.dumps({"body": "x"}))
+    with pytest.raises(ValueError, match="has no field 'text'"):
+        load_corpus(str(tmp_path))
+
+
+def test_sampler_rejects_small_domains():
+    with pytest.raises(ValueError, match="needs >= batch_size=8"):
+        DomainBatchSampler([10, 3], 8, [1.0, 1.0], 10)
+    assert len(DomainBatchSampler([10, 3], 8, [1.0, 0.0], 10)) == 10
