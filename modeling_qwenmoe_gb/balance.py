@@ -11,7 +11,8 @@ Features
   updates the aux-free biases from the step's global counts (`b += u · sign(mean(c) − c)` per layer; identical on
   every rank) and resets the buffer. `register_step_hook(optimizer)` does that as an optimizer step pre-hook.
 - Sub-groups of a given size (`sync_group_size`) emulate "synchronise within a node" for a balance-BSZ sweep.
-- Metrics per optimizer step (per layer and mean): global and micro LBL, MaxVio global and micro, z-loss, bias spread.
+- Metrics per optimizer step (per layer and mean): global and micro LBL, MaxVio global and micro (micro = the micro
+  scope's groups: chunks of `balance_group_size` sequences or the micro-batch), z-loss, bias spread.
 
 Loss-scale rule (the same for every scope): the objective of one optimizer step is the mean, over data-parallel
 ranks × accumulation micro-steps, of the per-micro-batch balance loss. The loss a micro-step returns is therefore a
@@ -27,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .modeling_qwenmoe_gb import RouterStats, _balance_fractions, balance_loss
+from .modeling_qwenmoe_gb import RouterStats, _balance_fractions, balance_loss, group_sequences, micro_group_size
 
 
 def find_moe_model(model: nn.Module) -> nn.Module:
@@ -46,10 +47,12 @@ def max_violation(counts: torch.Tensor) -> torch.Tensor:
 
 
 def per_layer_lbl(counts: torch.Tensor, stats: RouterStats, top_k: int) -> torch.Tensor:
-    """E · Σ_i f_i P_i per layer (L,), f from `counts` (L, E), P from this micro-batch; no grad (a metric)."""
-    prob_sums, num_tokens = stats.prob_sums.detach().sum(1), stats.num_tokens.sum(1)  # (L, E), (L,)
-    f, p = _balance_fractions(counts, prob_sums, num_tokens, top_k, counts.sum(-1) / top_k)
-    return f.shape[-1] * (f * p).sum(-1)
+    """E · Σ_i f_i P_i per layer (L,), no grad (a metric). `counts` (L, G, E) and `stats` grouped the same way
+    (G sequence groups, averaged), or `counts` (L, E) against the whole micro-batch."""
+    if counts.dim() == 2:
+        counts, stats = counts[:, None], group_sequences(stats, None)
+    f, p = _balance_fractions(counts, stats.prob_sums.detach(), stats.num_tokens, top_k, counts.sum(-1) / top_k)
+    return (f.shape[-1] * (f * p).sum(-1)).mean(-1)  # (L, G) -> (L,)
 
 
 class GlobalBalancer:
@@ -61,9 +64,20 @@ class GlobalBalancer:
             `torch.distributed` is initialised, no communication otherwise).
         sync_group_size: all-reduce only within consecutive groups of this many ranks (a balance-BSZ between micro and
             global); must divide the world size.
+        bias_update: `"global"` (default): aux-free biases move once per optimizer step from the step's global counts;
+            `"micro"`: after every micro-batch from its local counts (the baseline the global update is compared to).
     """
 
-    def __init__(self, model: nn.Module, group: dist.ProcessGroup | None = None, sync_group_size: int | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        group: dist.ProcessGroup | None = None,
+        sync_group_size: int | None = None,
+        bias_update: str = "global",
+    ):
+        if bias_update not in ("global", "micro"):
+            raise ValueError(f"bias_update={bias_update!r} is unknown: allowed ['global', 'micro']")
+        self.bias_update = bias_update
         self.moe_model = find_moe_model(model)
         self.config = self.moe_model.config
         self.group = group
@@ -106,14 +120,24 @@ class GlobalBalancer:
         loss, parts = balance_loss(self.config, stats, global_counts if use_global else None)
         if counting:
             self._record(stats, parts, global_counts)
+            if self.config.aux_free and self.bias_update == "micro":
+                self._update_biases(stats.counts.detach().sum(1))
         return loss, parts
+
+    @torch.no_grad()
+    def _update_biases(self, counts: torch.Tensor) -> None:
+        """b += u · sign(mean(c) − c) per layer from (L, E) counts."""
+        rate = self.config.aux_free_bias_update_rate
+        for router, layer_counts in zip(self.moe_model.moe_routers(), counts.double()):
+            delta = torch.sign(layer_counts.mean() - layer_counts) * rate  # (E,)
+            router.expert_bias.add_(delta.to(router.expert_bias))
 
     def _record(self, stats: RouterStats, parts: dict[str, torch.Tensor], global_counts: torch.Tensor) -> None:
         k = self.config.num_experts_per_tok
-        micro_counts = stats.counts.detach().sum(1)  # (L, E)
-        self._sums["micro_lbl"] = self._sums["micro_lbl"] + per_layer_lbl(micro_counts, stats, k)
+        micro = group_sequences(stats, micro_group_size(self.config))  # (L, G, E): the micro-scope groups
+        self._sums["micro_lbl"] = self._sums["micro_lbl"] + per_layer_lbl(micro.counts, micro, k)
         self._sums["global_lbl"] = self._sums["global_lbl"] + per_layer_lbl(global_counts, stats, k)
-        self._sums["maxvio_micro"] = self._sums["maxvio_micro"] + max_violation(micro_counts)
+        self._sums["maxvio_micro"] = self._sums["maxvio_micro"] + max_violation(micro.counts).mean(-1)
         self._sums["z_loss"] = self._sums["z_loss"] + parts["z_loss"].detach()
         self._micro_steps += 1
 
@@ -126,13 +150,9 @@ class GlobalBalancer:
             return
         self._sums["maxvio_global"] = self._sums["maxvio_global"] + max_violation(counts)
         self.last_step_load = (counts.double() / counts.sum(-1, keepdim=True).clamp_min(1)).cpu()
-        routers = self.moe_model.moe_routers()
-        if self.config.aux_free:
-            rate = self.config.aux_free_bias_update_rate
-            for router, layer_counts in zip(routers, counts.double()):
-                delta = torch.sign(layer_counts.mean() - layer_counts) * rate  # (E,)
-                router.expert_bias.add_(delta.to(router.expert_bias))
-        bias = torch.stack([r.expert_bias for r in routers])  # (L, E)
+        if self.config.aux_free and self.bias_update == "global":
+            self._update_biases(counts)
+        bias = torch.stack([r.expert_bias for r in self.moe_model.moe_routers()])  # (L, E)
         self._sums["bias_spread"] = self._sums["bias_spread"] + (bias.amax(-1) - bias.amin(-1)).double().cpu()
         counts.zero_()
         self._steps += 1

@@ -6,7 +6,7 @@
     qwenmoe-gb compare  [compare flags]                                        # micro vs global arms (reproduction)
     qwenmoe-gb push     --model DIR --repo_id USER/NAME                        # upload weights, code and card
 
-`pretrain` with no flags trains the `tiny` preset with global-batch balance on the embedded synthetic corpus (4
+`pretrain` with no flags trains the `demo` preset with global-batch balance on the embedded synthetic corpus (4
 domains) on CPU in a few minutes. It takes every `transformers.TrainingArguments` flag and runs unchanged under
 `accelerate launch` / `torchrun`.
 """
@@ -35,19 +35,19 @@ from .data import (
 from .hub import push_folder, write_model_card
 from .modeling_qwenmoe_gb import QwenMoeGBForCausalLM
 from .presets import load_preset
-from .trainer import QwenMoeGBTrainer
+from .trainer import QwenMoeGBTrainer, SwitchScopeCallback
 
 PRETRAIN_DEFAULTS = [
     "--output_dir", "runs/pretrain",
-    "--max_steps", "500",
-    "--per_device_train_batch_size", "4",
-    "--gradient_accumulation_steps", "4",
+    "--max_steps", "600",
+    "--per_device_train_batch_size", "2",
+    "--gradient_accumulation_steps", "8",
     "--learning_rate", "3e-3",
     "--lr_scheduler_type", "cosine",
     "--warmup_steps", "25",
     "--weight_decay", "0.01",
     "--logging_steps", "50",
-    "--save_steps", "250",
+    "--save_steps", "300",
     "--save_total_limit", "2",
     "--report_to", "none",
     "--seed", "0",
@@ -57,7 +57,7 @@ PRETRAIN_DEFAULTS = [
 
 @dataclass
 class ModelArguments:
-    preset: str = field(default="tiny", metadata={"help": "preset name (configuration/*.json) or a config JSON path"})
+    preset: str = field(default="demo", metadata={"help": "preset name (configuration/*.json) or a config JSON path"})
     model_name_or_path: str | None = field(default=None, metadata={"help": "start from this checkpoint instead"})
     balance_scope: str = field(default="global", metadata={"help": "micro | global | sequence"})
     router_aux_loss_coef: float = field(default=0.1, metadata={"help": "expert-level LBL coefficient"})
@@ -72,6 +72,9 @@ class ModelArguments:
     experts_implementation: str | None = field(default=None, metadata={"help": "eager | batched_mm | grouped_mm"})
     config_overrides: str | None = field(default=None, metadata={"help": "JSON dict of further config fields"})
     balance_sync_group_size: int | None = field(default=None, metadata={"help": "all-reduce within groups of ranks"})
+    aux_free_update: str = field(default="global", metadata={"help": "aux-free bias update: global (per step) | micro"})
+    switch_scope_at: int | None = field(default=None, metadata={"help": "optimizer step at which to switch scope"})
+    switch_scope_to: str | None = field(default=None, metadata={"help": "scope to switch to at switch_scope_at"})
 
     def balance_fields(self) -> dict:
         groups = self.device_balance_groups
@@ -103,6 +106,7 @@ class DataArguments:
     max_docs_per_domain: int | None = field(default=None, metadata={"help": "cap documents per domain"})
     synthetic_docs: int = field(default=300, metadata={"help": "synthetic training documents per domain"})
     domain_weights: str | None = field(default=None, metadata={"help": "recipe weights 'a=2,b=1' (default uniform)"})
+    domain_chunk: int | None = field(default=None, metadata={"help": "micro-batches of domain-pure chunks of n seqs"})
     eval_batch_size: int = field(default=16, metadata={"help": "batch size of evaluation and analysis"})
     eval_max_sequences: int | None = field(default=64, metadata={"help": "held-out sequences per domain"})
 
@@ -195,9 +199,8 @@ def pretrain(argv: list[str]) -> dict:
     model = build_model(model_args, data_args, tokenizer)
     weights = parse_weights(data_args.domain_weights, train.domains)
     micro_batches = train_args.max_steps * train_args.gradient_accumulation_steps * train_args.world_size
-    sampler = DomainBatchSampler(
-        train.sizes, train_args.per_device_train_batch_size, weights, micro_batches, seed=train_args.seed
-    )
+    batch = train_args.per_device_train_batch_size
+    sampler = DomainBatchSampler(train.sizes, batch, weights, micro_batches, train_args.seed, data_args.domain_chunk)
     trainer = QwenMoeGBTrainer(
         model=model,
         args=train_args,
@@ -205,12 +208,16 @@ def pretrain(argv: list[str]) -> dict:
         data_collator=collate_causal_lm,
         train_batch_sampler=sampler,
         balance_sync_group_size=model_args.balance_sync_group_size,
+        bias_update=model_args.aux_free_update,
     )
+    if model_args.switch_scope_at is not None:
+        trainer.add_callback(SwitchScopeCallback(model, model_args.switch_scope_at, model_args.switch_scope_to))
     trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
     out_dir = Path(train_args.output_dir)
     trainer.save_model(str(out_dir))
     if not trainer.is_world_process_zero():
         return {}
+    analysis.write_json({"log_history": trainer.state.log_history}, out_dir / "log_history.json")
     if hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(out_dir)
     save_data_info(out_dir / "data_info.json", corpus, train, data_args.tokenizer, data_args.data)

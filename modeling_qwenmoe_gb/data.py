@@ -8,7 +8,8 @@ Features
 - Packing per domain into fixed-length sequences (documents joined with EOS), as LLM pretraining does.
 - `DomainBatchSampler`: every micro-batch holds sequences of one domain; domains are drawn per micro-batch by recipe
   weights, so a global batch mixes domains while each micro-batch does not. Under accelerate (DDP) the stream of
-  micro-batches is dealt round-robin to the ranks, so each rank gets its own domains.
+  micro-batches is dealt round-robin to the ranks, so each rank gets its own domains. With `chunk_size`, a micro-batch
+  is made of domain-pure chunks (one device emulating several: the balance-BSZ sweep).
 """
 
 from __future__ import annotations
@@ -309,12 +310,23 @@ class DomainBatchSampler(Sampler[list[int]]):
     consecutive micro-batches — each one domain — land on different ranks: each rank gets its own domains.
     """
 
-    def __init__(self, sizes: list[int], batch_size: int, weights: list[float], num_batches: int, seed: int = 0):
+    def __init__(
+        self,
+        sizes: list[int],
+        batch_size: int,
+        weights: list[float],
+        num_batches: int,
+        seed: int = 0,
+        chunk_size: int | None = None,
+    ):
+        chunk = batch_size if chunk_size is None else chunk_size
         if len(sizes) != len(weights):
             raise ValueError(f"{len(sizes)} domains but {len(weights)} weights")
-        if any(size < batch_size for size, w in zip(sizes, weights) if w > 0):
-            raise ValueError(f"every weighted domain needs >= batch_size={batch_size} sequences, got sizes {sizes}")
-        self.sizes, self.batch_size, self.weights = sizes, batch_size, weights
+        if chunk < 1 or batch_size % chunk:
+            raise ValueError(f"domain_chunk={chunk_size} must divide the micro-batch size {batch_size}")
+        if any(size < chunk for size, w in zip(sizes, weights) if w > 0):
+            raise ValueError(f"every weighted domain needs >= {chunk} sequences, got sizes {sizes}")
+        self.sizes, self.batch_size, self.weights, self.chunk = sizes, batch_size, weights, chunk
         self.num_batches, self.seed = num_batches, seed
         self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
 
@@ -325,12 +337,15 @@ class DomainBatchSampler(Sampler[list[int]]):
         rng = random.Random(self.seed)
         streams: list[list[int]] = [[] for _ in self.sizes]
         for _ in range(self.num_batches):
-            d = rng.choices(range(len(self.sizes)), weights=self.weights)[0]
-            if len(streams[d]) < self.batch_size:  # a new pass; the short tail of the last one is dropped
-                streams[d] = list(range(self.sizes[d]))
-                rng.shuffle(streams[d])
-            take, streams[d] = streams[d][: self.batch_size], streams[d][self.batch_size :]
-            yield [self.offsets[d] + i for i in take]
+            batch = []
+            for _ in range(self.batch_size // self.chunk):  # one chunk (by default the whole micro-batch) per domain
+                d = rng.choices(range(len(self.sizes)), weights=self.weights)[0]
+                if len(streams[d]) < self.chunk:  # a new pass; the short tail of the last one is dropped
+                    streams[d] = list(range(self.sizes[d]))
+                    rng.shuffle(streams[d])
+                take, streams[d] = streams[d][: self.chunk], streams[d][self.chunk :]
+                batch.extend(self.offsets[d] + i for i in take)
+            yield batch
 
 
 def save_data_info(path: Path, corpus, packed: PackedDomains, tokenizer_name: str, data: str) -> None:

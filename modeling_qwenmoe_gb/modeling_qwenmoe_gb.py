@@ -178,6 +178,11 @@ def group_sequences(stats: RouterStats, group_size: int | None) -> RouterStats:
     return RouterStats(*(reduce(x) for x in (stats.counts, stats.prob_sums, stats.num_tokens, stats.z_sums)))
 
 
+def micro_group_size(config: QwenMoeGBConfig) -> int | None:
+    """Sequences per micro-scope group: 1 for the sequence scope, else `balance_group_size` (None = micro-batch)."""
+    return 1 if config.balance_scope == "sequence" else config.balance_group_size
+
+
 def balance_loss(
     config: QwenMoeGBConfig,
     stats: RouterStats,
@@ -188,18 +193,19 @@ def balance_loss(
     `global_counts` (L, E): counts of the whole step so far (all-reduced over data-parallel ranks and buffered over
     micro-steps), used for f when `config.balance_scope == "global"`; without it the global scope falls back to the
     micro-batch (exact for one process and no accumulation). P is always local.
-    Parts: `lbl` (expert-level, at the configured scope), `micro_lbl` (whole micro-batch), `device_lbl`, `z_loss`.
+    Parts: `lbl` (expert-level, at the configured scope), `micro_lbl` (at the micro grouping: chunks of
+    `balance_group_size` sequences, or the whole micro-batch), `device_lbl`, `z_loss`.
     """
     k = config.num_experts_per_tok
-    micro = group_sequences(stats, None)
-    micro_args = (micro.counts, micro.prob_sums, micro.num_tokens, k)  # (L, 1, E), (L, 1)
+    whole = group_sequences(stats, None)  # (L, 1, E), (L, 1)
+    micro = group_sequences(stats, micro_group_size(config))  # (L, G, E), (L, G)
+    micro_args = (micro.counts, micro.prob_sums, micro.num_tokens, k)
     if config.balance_scope == "global" and global_counts is not None:
-        f_args = (global_counts[:, None], micro.prob_sums, micro.num_tokens, k, global_counts.sum(-1, True) / k)
+        f_args = (global_counts[:, None], whole.prob_sums, whole.num_tokens, k, global_counts.sum(-1, True) / k)
+    elif config.balance_scope == "global":
+        f_args = (whole.counts, whole.prob_sums, whole.num_tokens, k)
     else:
-        scoped = micro
-        if config.balance_scope != "global":
-            scoped = group_sequences(stats, 1 if config.balance_scope == "sequence" else config.balance_group_size)
-        f_args = (scoped.counts, scoped.prob_sums, scoped.num_tokens, k)
+        f_args = micro_args
     parts = {"lbl": switch_balance_loss(*f_args[:4], *f_args[4:]), "micro_lbl": switch_balance_loss(*micro_args)}
     total = config.router_aux_loss_coef * parts["lbl"]
     if config.micro_balance_coef > 0 and config.balance_scope == "global":

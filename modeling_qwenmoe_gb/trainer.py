@@ -44,12 +44,25 @@ class BalanceCallback(TrainerCallback):
         self.balancer.step()
 
 
+class SwitchScopeCallback(TrainerCallback):
+    """Switches `balance_scope` at a given optimizer step (paper Table 3: micro → global mid-training)."""
+
+    def __init__(self, model, step: int, scope: str):
+        self.config, self.step, self.scope = model.config, step, scope
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            self.config.balance_scope = self.scope
+            self.config.validate_balance()
+
+
 class QwenMoeGBTrainer(Trainer):
     """`transformers.Trainer` for QwenMoE-GB models.
 
     Extra args:
         balance_sync_group_size: all-reduce expert counts only within groups of this many ranks (default: all).
         train_batch_sampler: batch sampler of the training DataLoader (default: the Trainer's own sampler).
+        bias_update: when aux-free biases move, `"global"` (per optimizer step) or `"micro"` (per micro-batch).
     """
 
     def __init__(
@@ -57,12 +70,14 @@ class QwenMoeGBTrainer(Trainer):
         *args: Any,
         balance_sync_group_size: int | None = None,
         train_batch_sampler: Sampler | None = None,
+        bias_update: str = "global",
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
-        self.balancer = GlobalBalancer(self.model, sync_group_size=balance_sync_group_size)
+        self.balancer = GlobalBalancer(self.model, sync_group_size=balance_sync_group_size, bias_update=bias_update)
         self.add_callback(BalanceCallback(self.balancer))
         self.train_batch_sampler = train_batch_sampler
+        self._ce_sum, self._ce_steps = torch.zeros((), dtype=torch.float64), 0
 
     def get_train_dataloader(self) -> DataLoader:
         if self.train_batch_sampler is None:
@@ -104,14 +119,21 @@ class QwenMoeGBTrainer(Trainer):
         if scaled_for_ga and self.args.average_tokens_across_devices:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         if model.training and torch.is_grad_enabled():
+            steps = self.current_gradient_accumulation_steps
+            self._ce_sum += (loss.detach() if scaled_for_ga else loss.detach() / steps).double().cpu()
+            self._ce_steps += 1 / steps
             balance, _ = self.balancer(outputs.router_stats)
             if scaled_for_ga:
-                balance = balance / self.current_gradient_accumulation_steps
+                balance = balance / steps
             loss = loss + balance.to(loss.device)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:  # a training log: add the balance metrics of the steps since the last one
+        if "loss" in logs:  # a training log: add CE alone and the balance metrics of the steps since the last one
+            if self._ce_steps:
+                ce = self._ce_sum.to(self.args.device) / round(self._ce_steps)
+                logs["ce_loss"] = float(self.accelerator.reduce(ce, reduction="mean"))
+                self._ce_sum, self._ce_steps = torch.zeros((), dtype=torch.float64), 0
             logs.update(self.balancer.pop_metrics())
             self._log_expert_load_image()
         super().log(logs, start_time)
@@ -127,4 +149,4 @@ class QwenMoeGBTrainer(Trainer):
                 writer.add_image("balance/expert_load", image, self.state.global_step, dataformats="HW")
 
 
-__all__ = ["BalanceCallback", "QwenMoeGBTrainer"]
+__all__ = ["BalanceCallback", "QwenMoeGBTrainer", "SwitchScopeCallback"]

@@ -126,6 +126,18 @@ def test_bad_data_folders_fail_clearly(tmp_path):
 
 
 def test_sampler_rejects_small_domains():
-    with pytest.raises(ValueError, match="needs >= batch_size=8"):
+    with pytest.raises(ValueError, match="needs >= 8 sequences"):
         DomainBatchSampler([10, 3], 8, [1.0, 1.0], 10)
     assert len(DomainBatchSampler([10, 3], 8, [1.0, 0.0], 10)) == 10
+
+
+def test_sampler_chunks_are_domain_pure():
+    sampler = DomainBatchSampler([30, 30, 30], batch_size=8, weights=[1, 1, 1], num_batches=200, seed=0, chunk_size=2)
+    mixed = 0
+    for batch in sampler:
+        domains = [i // 30 for i in batch]
+        assert all(domains[j] == domains[j + 1] for j in range(0, 8, 2))
+        mixed += len(set(domains)) > 1
+    assert mixed > 150  # micro-batches mix domains chunk by chunk
+    with pytest.raises(ValueError, match="domain_chunk=3 must divide the micro-batch size 8"):
+        DomainBatchSampler([30], 8, [1.0], 10, chunk_size=3)

@@ -1,0 +1,252 @@
+"""`qwenmoe-gb compare`: micro vs global balance (Qiu et al. 2025) as arms that differ only in how they balance.
+
+Features
+- Arms from the same initialisation and the same data order (same seed → same init and same batch stream):
+  `micro` (LBL over each domain-pure chunk of `domain_chunk` sequences = one emulated micro-batch), `bsz<b>` (LBL over
+  chunks of b sequences: the balance-BSZ sweep on one device), `global` (whole step, + accumulation buffer),
+  `global+micro` (global + `micro_balance_coef` × micro, paper Table 5), `auxfree-micro` / `auxfree-global` (aux-free
+  bias moved per micro-batch from local counts / per step from global counts), `micro->global` / `global->micro`
+  (scope switched at `switch_step`, paper Table 3).
+- Several seeds per arm, reported as mean ± standard deviation; the difference from `micro` per seed.
+- A markdown report (per-domain and average PPL, Δ vs micro, specialization KL, max expert frequency, MaxVio global and
+  micro during training) and PNGs: PPL against balance BSZ (Figure 2), micro vs global heatmaps (Figure 1b), LBL and
+  CE curves (Figure 3).
+
+Every flag that is not a compare flag goes to `qwenmoe-gb pretrain` (TrainingArguments, model and data flags).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import HfArgumentParser
+
+from .analysis import write_json
+
+COMPARE_DEFAULTS = [
+    "--per_device_train_batch_size", "16",
+    "--gradient_accumulation_steps", "1",
+    "--max_steps", "400",
+    "--logging_steps", "20",
+    "--save_strategy", "no",
+    "--disable_tqdm", "true",
+]  # fmt: skip
+
+
+@dataclass
+class CompareArguments:
+    arms: str = field(default="micro,bsz8,global", metadata={"help": "comma-separated arms (see module doc)"})
+    seeds: str = field(default="0,1", metadata={"help": "comma-separated seeds; each arm runs every seed"})
+    out: str = field(default="runs/compare", metadata={"help": "output folder of the runs and the report"})
+    domain_chunk: int = field(default=2, metadata={"help": "sequences per domain-pure chunk (the micro batch)"})
+    arm_micro_balance_coef: float = field(default=0.01, metadata={"help": "micro coefficient of global+micro"})
+    switch_step: int | None = field(default=None, metadata={"help": "step of the scope switch (default: half)"})
+
+
+def arm_flags(arm: str, args: CompareArguments, max_steps: int) -> list[str]:
+    """pretrain flags of one arm."""
+    switch = str(args.switch_step if args.switch_step is not None else max_steps // 2)
+    table = {
+        "micro": ["--balance_scope", "micro", "--balance_group_size", str(args.domain_chunk)],
+        "global": ["--balance_scope", "global"],
+        "global+micro": ["--balance_scope", "global", "--micro_balance_coef", str(args.arm_micro_balance_coef),
+                         "--balance_group_size", str(args.domain_chunk)],
+        "auxfree-micro": ["--aux_free", "true", "--router_aux_loss_coef", "0", "--aux_free_update", "micro"],
+        "auxfree-global": ["--aux_free", "true", "--router_aux_loss_coef", "0", "--aux_free_update", "global"],
+        "micro->global": ["--balance_scope", "micro", "--balance_group_size", str(args.domain_chunk),
+                          "--switch_scope_at", switch, "--switch_scope_to", "global"],
+        "global->micro": ["--balance_scope", "global", "--balance_group_size", str(args.domain_chunk),
+                          "--switch_scope_at", switch, "--switch_scope_to", "micro"],
+    }  # fmt: skip
+    if arm in table:
+        return table[arm]
+    if arm.startswith("bsz") and arm[3:].isdigit():
+        return ["--balance_scope", "micro", "--balance_group_size", arm[3:]]
+    raise ValueError(f"arms: unknown arm {arm!r}: allowed {sorted(table)} or bsz<b> (e.g. bsz8)")
+
+
+def balance_bsz(arm: str, args: CompareArguments, batch: int, world: int, accumulation: int) -> int | None:
+    """Sequences each balance loss counts over (x axis of Figure 2); None where it is not a plain LBL arm."""
+    if arm == "micro":
+        return args.domain_chunk
+    if arm.startswith("bsz"):
+        return int(arm[3:])
+    if arm == "global":
+        return batch * world * accumulation
+    return None
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _fmt(values: list[float], digits: int = 3) -> str:
+    mean, std = _mean_std(values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _training_mean(history: list[dict], key: str) -> float:
+    values = [h[key] for h in history if key in h]
+    return statistics.fmean(values) if values else float("nan")
+
+
+def collect(run_dir: Path) -> dict:
+    return {
+        "eval": json.loads((run_dir / "eval.json").read_text()),
+        "spec": json.loads((run_dir / "specialization.json").read_text()),
+        "history": json.loads((run_dir / "log_history.json").read_text())["log_history"],
+    }
+
+
+def summarize(runs: dict[str, dict[int, dict]], bsz: dict[str, int | None]) -> dict:
+    """Per arm: lists over seeds of each number in the report, plus Δ vs micro per seed."""
+    summary = {}
+    for arm, seeds in runs.items():
+        domains = list(next(iter(seeds.values()))["eval"]["domains"])
+        row = {
+            "balance_bsz": bsz[arm],
+            "avg_ppl": [r["eval"]["average_ppl"] for r in seeds.values()],
+            "domain_ppl": {d: [r["eval"]["domains"][d]["ppl"] for r in seeds.values()] for d in domains},
+            "kl": [r["spec"]["specialization_kl"] for r in seeds.values()],
+            "max_freq": [statistics.fmean(r["spec"]["max_expert_frequency"].values()) for r in seeds.values()],
+            "maxvio_global": [_training_mean(r["history"], "balance/maxvio_global") for r in seeds.values()],
+            "maxvio_micro": [_training_mean(r["history"], "balance/maxvio_micro") for r in seeds.values()],
+        }
+        if "micro" in runs:
+            row["delta_vs_micro"] = [
+                r["eval"]["average_ppl"] - runs["micro"][s]["eval"]["average_ppl"] for s, r in seeds.items()
+            ]
+        summary[arm] = row
+    return summary
+
+
+def report_markdown(summary: dict, command: str, seeds: list[int]) -> str:
+    domains = list(next(iter(summary.values()))["domain_ppl"])
+    head = ["arm", "balance BSZ", "avg PPL", "Δ vs micro", *[f"PPL {d}" for d in domains], "spec. KL",
+            "max expert freq", "MaxVio global", "MaxVio micro"]  # fmt: skip
+    lines = [
+        "# QwenMoE-GB: micro vs global balance",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {platform.machine()}, {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU'}; "
+        f"torch {torch.__version__}, transformers {transformers.__version__}; seeds {seeds} (mean ± std over seeds).",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for arm, row in summary.items():
+        cells = [
+            arm,
+            str(row["balance_bsz"] or "—"),
+            _fmt(row["avg_ppl"]),
+            _fmt(row["delta_vs_micro"], 4) if "delta_vs_micro" in row else "—",
+            *[_fmt(row["domain_ppl"][d]) for d in domains],
+            _fmt(row["kl"], 4),
+            _fmt(row["max_freq"]),
+            _fmt(row["maxvio_global"]),
+            _fmt(row["maxvio_micro"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Δ vs micro: average PPL minus the micro arm's, per seed (negative = better than micro). spec. KL: "
+        "I(domain; expert), the mean KL of each domain's expert distribution from the mixture's. MaxVio: mean over "
+        "training logs of (max load − mean load) / mean load, global = whole step, micro = each micro-batch.",
+        "",
+        "![PPL against balance BSZ](ppl_vs_balance_bsz.png)",
+        "![micro vs global heatmaps](heatmaps_micro_vs_global.png)",
+        "![LBL and CE curves](curves.png)",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_figures(summary: dict, runs: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = sorted((row["balance_bsz"], arm) for arm, row in summary.items() if row["balance_bsz"])
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    if points:
+        xs = [p[0] for p in points]
+        stats = [_mean_std(summary[a]["avg_ppl"]) for _, a in points]
+        ax.errorbar(xs, [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o", capsize=3)
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel("balance BSZ (sequences)")
+    ax.set_ylabel("average PPL")
+    fig.savefig(out / "ppl_vs_balance_bsz.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+    pair = [a for a in ("micro", "global") if a in runs]
+    if pair:
+        fig, axes = plt.subplots(1, len(pair), figsize=(6 * len(pair), 3), squeeze=False)
+        for ax, arm in zip(axes[0], pair):
+            spec = next(iter(runs[arm].values()))["spec"]
+            freq = torch.tensor([spec["frequency"][d] for d in spec["domains"]])[:, -1]  # (domains, E) last layer
+            ax.imshow(freq, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+            ax.set_yticks(range(len(spec["domains"])), spec["domains"])
+            ax.set_xlabel("expert")
+            ax.set_title(f"{arm}: last MoE layer, KL {spec['specialization_kl']:.3f}")
+        fig.savefig(out / "heatmaps_micro_vs_global.png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+
+    fig, (ax_lbl, ax_ce) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for arm, seeds in runs.items():
+        history = [h for h in next(iter(seeds.values()))["history"] if "ce_loss" in h]
+        steps = [h["step"] for h in history]
+        ax_lbl.plot(steps, [h.get("balance/global_lbl", float("nan")) for h in history], label=f"{arm} global LBL")
+        ax_lbl.plot(steps, [h.get("balance/micro_lbl", float("nan")) for h in history], "--", label=f"{arm} micro")
+        ax_ce.plot(steps, [h["ce_loss"] for h in history], label=arm)
+    ax_lbl.set_xlabel("step")
+    ax_lbl.set_ylabel("LBL")
+    ax_lbl.legend(fontsize=6)
+    ax_ce.set_xlabel("step")
+    ax_ce.set_ylabel("CE")
+    ax_ce.legend(fontsize=7)
+    fig.savefig(out / "curves.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def compare(argv: list[str]) -> dict:
+    from .cli import pretrain  # the arms are pretrain runs
+
+    parser = HfArgumentParser(CompareArguments)
+    args, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    rest = COMPARE_DEFAULTS + rest
+    arms = [a for a in args.arms.split(",") if a]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+
+    def last(flag: str, default: str) -> int:
+        """The value of the last occurrence of a flag (argparse: the last one wins)."""
+        return int(rest[len(rest) - 1 - rest[::-1].index(flag) + 1]) if flag in rest else int(default)
+
+    max_steps = last("--max_steps", "400")
+    flags = {arm: arm_flags(arm, args, max_steps) for arm in arms}  # validates every arm before training
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, dict[int, dict]] = {}
+    for arm in arms:
+        for seed in seeds:
+            run_dir = out / arm.replace(">", "").replace("+", "_plus_") / f"seed{seed}"
+            common = ["--domain_chunk", str(args.domain_chunk), "--seed", str(seed), "--output_dir", str(run_dir)]
+            pretrain(rest + flags[arm] + common)
+            runs.setdefault(arm, {})[seed] = collect(run_dir)
+
+    batch, accumulation = last("--per_device_train_batch_size", "8"), last("--gradient_accumulation_steps", "1")
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    bsz = {arm: balance_bsz(arm, args, batch, world, accumulation) for arm in arms}
+    summary = summarize(runs, bsz)
+    command = "qwenmoe-gb compare " + " ".join(argv)
+    (out / "report.md").write_text(report_markdown(summary, command, seeds))
+    write_json(summary, out / "summary.json")
+    plot_figures(summary, runs, out)
+    print((out / "report.md").read_text())
+    return summary
