@@ -1,0 +1,218 @@
+"""Training-step benchmark: QwenMoE-GB (micro, global, global + aux-free) against transformers' Qwen3-MoE / Qwen2-MoE
+with their own aux loss, on the identical config and weights; eager and grouped_mm experts; CPU and CUDA.
+
+    python scripts/benchmark.py --preset demo --batch 8 --seq 256 --steps 10 --out bench.json
+    torchrun --nproc_per_node 2 scripts/benchmark.py --distributed ...   # all-reduce cost with 2 processes
+
+Measures tokens/s, step time (forward + backward + SGD step), peak memory and MFU. FLOPs per token (training,
+forward + backward = 3 × forward), with N_active the parameters a token multiplies by (attention projections, the
+router, the K routed experts, the shared expert, the LM head; no embedding lookup or norms):
+
+    flops_per_token = 6 · N_active + 12 · L · S · n_heads · head_dim / 2      (causal attention scores + values)
+
+MFU = flops_per_token · tokens/s / peak (H100 SXM bf16 dense 989 TFLOP/s; given by --peak_tflops elsewhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import transformers
+
+from .balance import GlobalBalancer
+from .configuration_qwenmoe_gb import QwenMoeGBConfig
+from .modeling_qwenmoe_gb import QwenMoeGBForCausalLM
+from .presets import load_preset
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def matmul_params_per_token(config: QwenMoeGBConfig) -> int:
+    """Parameters each token multiplies by in a forward (no embedding lookup, norms or biases)."""
+    d = config.hidden_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    attn = d * q + 2 * d * kv + q * d
+    moe = config.num_experts_per_tok * 3 * d * config.moe_intermediate_size + config.num_experts * d
+    if config.shared_expert_intermediate_size > 0:
+        moe += 3 * d * config.shared_expert_intermediate_size + d
+    n_moe = len(config.moe_layer_indices())
+    dense = 3 * d * config.intermediate_size
+    layers = config.num_hidden_layers * attn + n_moe * moe + (config.num_hidden_layers - n_moe) * dense
+    return layers + d * config.vocab_size  # + LM head
+
+
+def flops_per_token(config: QwenMoeGBConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward) with causal attention over `seq_len`."""
+    attention = 12 * config.num_hidden_layers * seq_len * config.num_attention_heads * config.head_dim / 2
+    return 6 * matmul_params_per_token(config) + attention
+
+
+@dataclass
+class Result:
+    name: str
+    experts_implementation: str
+    device: str
+    dtype: str
+    batch: int
+    seq: int
+    tokens_per_step: int
+    step_ms: float
+    tokens_per_s: float
+    peak_mem_gib: float | None
+    mfu: float | None
+    allreduce_ms: float | None = None
+
+
+def reference_model(kind: str, config: QwenMoeGBConfig):
+    """transformers' own model on the same shape: `qwen3` (needs use_qk_norm, no shared expert) or `qwen2`."""
+    fields = config.to_dict()
+    for key in ("model_type", "auto_map", "architectures", "transformers_version"):
+        fields.pop(key, None)
+    fields.update(output_router_logits=True)
+    if kind == "qwen3":
+        return transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**fields))
+    return transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(**fields))
+
+
+def build(name: str, config: QwenMoeGBConfig, impl: str, device: torch.device, dtype: torch.dtype, state=None):
+    """(model, balancer or None) for one benchmark arm; every arm loads the same weights."""
+    if name.startswith("transformers-"):
+        model = reference_model(name.split("-")[1], config)
+    else:
+        overrides = {"micro": {"balance_scope": "micro"}, "global": {"balance_scope": "global"},
+                     "global+auxfree": {"balance_scope": "global", "aux_free": True}}[name]  # fmt: skip
+        model = QwenMoeGBForCausalLM(QwenMoeGBConfig(**{**config.to_dict(), **overrides}))
+    if state is not None:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or any(not k.endswith("expert_bias") for k in unexpected):  # only our aux-free bias is extra
+            raise ValueError(f"{name}: weights differ from QwenMoE-GB's: missing {missing}, unexpected {unexpected}")
+    model.set_experts_implementation(impl)
+    model.to(device=device, dtype=dtype).train()
+    return model, None if name.startswith("transformers-") else GlobalBalancer(model)
+
+
+def time_steps(model, balancer, batches, steps: int, warmup: int, device: torch.device) -> tuple[float, float | None]:
+    """Mean step time (s) of forward + backward + SGD over `steps` after `warmup`; all-reduce time (s) if any."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    allreduce = 0.0
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync()
+            start, allreduce = time.perf_counter(), 0.0
+        ids = batches[i % len(batches)]
+        if balancer is None:
+            out = model(input_ids=ids, labels=ids)
+            loss = out.loss
+        else:
+            out = model(input_ids=ids, labels=ids, add_balance_loss=False)
+            t0 = time.perf_counter()
+            balance, _ = balancer(out.router_stats)
+            allreduce += time.perf_counter() - t0
+            loss = out.loss + balance
+        loss.backward()
+        if balancer is not None:
+            balancer.step()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    sync()
+    return (time.perf_counter() - start) / steps, allreduce / steps
+
+
+def run(args: argparse.Namespace) -> list[Result]:
+    distributed = args.distributed
+    if distributed:
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    overrides = json.loads(args.config_overrides) if args.config_overrides else {}
+    config = load_preset(args.preset, **overrides)
+    torch.manual_seed(0)
+    state = QwenMoeGBForCausalLM(config).state_dict()
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=gen).to(device) for _ in range(4)]
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in _device_name(device)), None)
+    arms = [(name, impl) for impl in args.experts_implementations.split(",") for name in args.models.split(",")]
+    timings: dict[tuple[str, str], list[tuple[float, float | None, float | None]]] = {arm: [] for arm in arms}
+    for _ in range(args.rounds):  # arms interleaved round by round; the median round is reported
+        for name, impl in arms:
+            model, balancer = build(name, config, impl, device, dtype, state)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            step_s, allreduce_s = time_steps(model, balancer, batches, args.steps, args.warmup, device)
+            mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+            timings[name, impl].append((step_s, allreduce_s, mem))
+            del model, balancer
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    results = []
+    tokens = args.batch * args.seq
+    for (name, impl), rounds in timings.items():
+        step_s, allreduce_s, mem = sorted(rounds, key=lambda r: r[0])[len(rounds) // 2]
+        tps = tokens / step_s
+        mfu = flops_per_token(config, args.seq) * tps / (peak * 1e12) if peak else None
+        allreduce_ms = allreduce_s * 1e3 if (distributed and allreduce_s is not None) else None
+        results.append(
+            Result(name, impl, _device_name(device), args.dtype, args.batch, args.seq, tokens, step_s * 1e3, tps,
+                   mem, mfu, allreduce_ms)
+        )  # fmt: skip
+    if distributed:
+        torch.distributed.destroy_process_group()
+    return results
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
+
+
+def markdown_table(results: list[Result]) -> str:
+    base = {(r.experts_implementation): r.tokens_per_s for r in results if r.name == "micro"}
+    lines = [
+        "| model | experts | tokens/s | step ms | vs micro | peak GiB | MFU | all-reduce ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        ratio = r.tokens_per_s / base[r.experts_implementation] if r.experts_implementation in base else float("nan")
+        lines.append(
+            f"| {r.name} | {r.experts_implementation} | {r.tokens_per_s:,.0f} | {r.step_ms:.1f} | {ratio:.3f} | "
+            f"{'—' if r.peak_mem_gib is None else f'{r.peak_mem_gib:.2f}'} | "
+            f"{'—' if r.mfu is None else f'{100 * r.mfu:.1f}%'} | "
+            f"{'—' if r.allreduce_ms is None else f'{r.allreduce_ms:.2f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[Result]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="demo", help="model preset or config JSON path")
+    parser.add_argument("--config_overrides", default=None, help="JSON dict of config fields")
+    parser.add_argument(
+        "--models",
+        default="micro,global,global+auxfree,transformers-qwen2",
+        help="arms: micro, global, global+auxfree, transformers-qwen3, transformers-qwen2",
+    )
+    parser.add_argument("--experts_implementations", default="eager,grouped_mm", help="comma-separated")
+    parser.add_argument("--batch", type=int, default=8, help="sequences per step")
+    parser.add_argument("--seq", type=int, default=128, help="sequence length")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of all arms, interleaved; median reported")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="parameter and compute dtype")
+    parser.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: by name)")
+    parser.add_argument("--distributed", action="store_true", help="run under torchrun: measure the all-reduce")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)  # fmt: skip
+    results = run(args)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if rank == 0:
+        print(markdown_table(results))
+        if args.out:
+            meta = {"torch": torch.__version__, "transformers": transformers.__version__, "args": vars(args)}
+            with open(args.out, "w") as f:
+                json.dump({"meta": meta, "results": [asdict(r) for r in results]}, f, indent=2)
+    return results
