@@ -150,6 +150,8 @@ def run(args: argparse.Namespace) -> list[Result]:
             del model, balancer
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    if args.profile:
+        profile_arm(arms[0], config, device, dtype, state, batches, args.profile)
     results = []
     tokens = args.batch * args.seq
     for (name, impl), rounds in timings.items():
@@ -164,6 +166,20 @@ def run(args: argparse.Namespace) -> list[Result]:
     if distributed:
         torch.distributed.destroy_process_group()
     return results
+
+
+def profile_arm(arm, config, device, dtype, state, batches, path: str) -> None:
+    """torch.profiler table of 3 training steps of one arm (what limits the step), written to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, balancer = build(arm[0], config, arm[1], device, dtype, state)
+    time_steps(model, balancer, batches, 1, 2, device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        time_steps(model, balancer, batches, 3, 0, device)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by=sort, row_limit=40))
 
 
 def _device_name(device: torch.device) -> str:
@@ -206,6 +222,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: by name)")
     parser.add_argument("--distributed", action="store_true", help="run under torchrun: measure the all-reduce")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--profile", default=None, help="write a torch.profiler table of the first arm here")
     args = parser.parse_args(argv)  # fmt: skip
     results = run(args)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0

@@ -34,7 +34,8 @@ def test_benchmark_runs_every_arm_and_counts_tokens(tmp_path):
         assert r.mfu is None  # no peak known for a CPU
     saved = json.loads(out.read_text())
     assert len(saved["results"]) == 4 and saved["meta"]["args"]["seq"] == 16
-    qwen3 = main(["--preset", "tiny", "--config_overrides", '{"use_qk_norm": true, "shared_expert_intermediate_size": 0}',
+    qwen3_shape = '{"use_qk_norm": true, "shared_expert_intermediate_size": 0}'
+    qwen3 = main(["--preset", "tiny", "--config_overrides", qwen3_shape,
                   "--models", "global,transformers-qwen3", "--experts_implementations", "eager", "--batch", "1",
                   "--seq", "8", "--steps", "1", "--warmup", "0", "--rounds", "1", "--peak_tflops", "1"])  # fmt: skip
     assert qwen3[1].name == "transformers-qwen3" and qwen3[1].mfu > 0
