@@ -2,7 +2,8 @@
 
 Features
 - Arms from the same initialisation and the same data order (same seed → same init and same batch stream):
-  `micro` (LBL over each domain-pure chunk of `domain_chunk` sequences = one emulated micro-batch), `bsz<b>` (LBL over
+  `micro` (LBL over each domain-pure chunk of `domain_chunk` sequences = one emulated micro-batch; every arm reports
+  its micro metrics over these chunks), `bsz<b>` (LBL over
   chunks of b sequences: the balance-BSZ sweep on one device), `global` (whole step, + accumulation buffer),
   `global+micro` (global + `micro_balance_coef` × micro, paper Table 5), `auxfree-micro` / `auxfree-global` (aux-free
   bias moved per micro-batch from local counts / per step from global counts), `micro->global` / `global->micro`
@@ -47,6 +48,7 @@ class CompareArguments:
     domain_chunk: int = field(default=2, metadata={"help": "sequences per domain-pure chunk (the micro batch)"})
     arm_micro_balance_coef: float = field(default=0.01, metadata={"help": "micro coefficient of global+micro"})
     switch_step: int | None = field(default=None, metadata={"help": "step of the scope switch (default: half)"})
+    report_only: bool = field(default=False, metadata={"help": "skip training: rebuild the report from the runs"})
 
 
 def arm_flags(arm: str, args: CompareArguments, max_steps: int) -> list[str]:
@@ -54,7 +56,7 @@ def arm_flags(arm: str, args: CompareArguments, max_steps: int) -> list[str]:
     switch = str(args.switch_step if args.switch_step is not None else max_steps // 2)
     table = {
         "micro": ["--balance_scope", "micro", "--balance_group_size", str(args.domain_chunk)],
-        "global": ["--balance_scope", "global"],
+        "global": ["--balance_scope", "global", "--balance_group_size", str(args.domain_chunk)],
         "global+micro": ["--balance_scope", "global", "--micro_balance_coef", str(args.arm_micro_balance_coef),
                          "--balance_group_size", str(args.domain_chunk)],
         "auxfree-micro": ["--aux_free", "true", "--router_aux_loss_coef", "0", "--aux_free_update", "micro"],
@@ -237,7 +239,8 @@ def compare(argv: list[str]) -> dict:
         for seed in seeds:
             run_dir = out / arm.replace(">", "").replace("+", "_plus_") / f"seed{seed}"
             common = ["--domain_chunk", str(args.domain_chunk), "--seed", str(seed), "--output_dir", str(run_dir)]
-            pretrain(rest + flags[arm] + common)
+            if not args.report_only:
+                pretrain(rest + flags[arm] + common)
             runs.setdefault(arm, {})[seed] = collect(run_dir)
 
     batch, accumulation = last("--per_device_train_batch_size", "8"), last("--gradient_accumulation_steps", "1")
