@@ -104,3 +104,12 @@ def test_bad_input_fails_before_training(tmp_path):
         (tmp_path / "empty").mkdir()
         pretrain([*TINY, "--output_dir", str(tmp_path / "c"), "--data", str(tmp_path / "empty")])
     assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
+
+
+def test_tokenizer_that_does_not_fit_the_model_is_rejected(tmp_path):
+    from .conftest import tiny_config
+
+    QwenMoeGBForCausalLM(tiny_config()).save_pretrained(tmp_path / "small-vocab")  # vocab 99 < 259 bytes + specials
+    with pytest.raises(ValueError, match="tokenizer='byte' has 259 tokens but the model's vocab_size is 99"):
+        pretrain([*TINY, "--output_dir", str(tmp_path / "out"), "--model_name_or_path", str(tmp_path / "small-vocab")])
+    assert not (tmp_path / "out").exists()
