@@ -9,30 +9,25 @@ from transformers import TrainingArguments
 
 from modeling_qwenmoe_gb import QwenMoeGBConfig, QwenMoeGBForCausalLM
 from modeling_qwenmoe_gb.trainer import QwenMoeGBTrainer
+from tests.conftest import tiny_config
 
 SEQ = 12
 MICRO = 2
 
 
 def make_config(**overrides) -> QwenMoeGBConfig:
+    """`tiny_config` with a smaller vocabulary, a strong LBL and a wider init (routing far from uniform)."""
     fields = dict(
         vocab_size=61,
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=16,
         shared_expert_intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_experts=8,
-        num_experts_per_tok=2,
         max_position_embeddings=64,
         router_aux_loss_coef=0.5,
         aux_free_bias_update_rate=0.01,
         initializer_range=0.2,
+        pad_token_id=None,
     )
     fields.update(overrides)
-    return QwenMoeGBConfig(**fields)
+    return tiny_config(**fields)
 
 
 def batch_for(step: int, rank: int) -> torch.Tensor:
