@@ -61,3 +61,25 @@ def test_balancer_option_errors():
         GlobalBalancer(model, sync_group_size=3)
     with pytest.raises(ValueError, match="holds no QwenMoeGBModel"):
         GlobalBalancer(torch.nn.Linear(2, 2))
+
+
+def test_load_best_model_at_end_restores_the_fused_experts(tmp_path):
+    from transformers import TrainingArguments
+
+    from modeling_qwenmoe_gb.trainer import QwenMoeGBTrainer
+
+    from .dist_common import repeated_sequence_dataset
+
+    model = QwenMoeGBForCausalLM(tiny_config(vocab_size=61))
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=2, max_steps=4, eval_strategy="steps",
+                             eval_steps=2, save_strategy="steps", save_steps=2, load_best_model_at_end=True,
+                             metric_for_best_model="loss", greater_is_better=True, learning_rate=5e-2,
+                             report_to=[], use_cpu=True, disable_tqdm=True)  # fmt: skip
+    data = repeated_sequence_dataset(8)
+    trainer = QwenMoeGBTrainer(model=model, args=args, train_dataset=data, eval_dataset=data)
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best.endswith("checkpoint-2")  # "best" = higher eval loss here: the model must go back 2 steps
+    saved = QwenMoeGBForCausalLM.from_pretrained(best)
+    for name, value in saved.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0, msg=name)
