@@ -62,6 +62,28 @@ def accumulation_buffer(out: Path, rank: int) -> None:
     )
 
 
+def subgroup_counts(out: Path, rank: int) -> None:
+    """sync_group_size=1: each rank is its own group, so the buffer holds only the local counts."""
+    model = QwenMoeGBForCausalLM(make_config()).train()
+    model.load_state_dict(torch.load(out / "init_f32.pt"), strict=False)
+    balancer = GlobalBalancer(model, sync_group_size=1)
+    ids = batch_for(step=0, rank=rank)
+    balancer(model(input_ids=ids, labels=ids, add_balance_loss=False).router_stats)
+    torch.save(balancer.step_counts.clone(), out / f"subgroup_rank{rank}.pt")
+
+
+def cli_pretrain(out: Path) -> None:
+    """`qwenmoe-gb pretrain` unchanged under torchrun (2 processes on gloo)."""
+    from modeling_qwenmoe_gb.cli import pretrain
+
+    pretrain([
+        "--output_dir", str(out / "cli_ddp"), "--max_steps", "4", "--synthetic_docs", "40", "--seq_len", "64",
+        "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--eval_max_sequences", "4",
+        "--logging_steps", "2", "--save_strategy", "no", "--use_cpu", "true", "--disable_tqdm", "true",
+        "--config_overrides", '{"num_hidden_layers": 2}',
+    ])  # fmt: skip
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     rank = int(os.environ["RANK"])
@@ -73,6 +95,8 @@ def main() -> None:
     for scope in ("micro", "global"):
         trainer_run(out / f"trainer_{scope}_2x1x2", scope, batch=2, accumulation=1)
     trainer_run(out / "trainer_logged", "global", batch=2, accumulation=2, steps=3, save=True, aux_free=True)
+    subgroup_counts(out, rank)
+    cli_pretrain(out)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -176,3 +176,21 @@ def test_real_trainer_two_processes_logs_metrics_and_saves_a_checkpoint(workdir)
     for name, param in reloaded.named_parameters():
         torch.testing.assert_close(param, final[name], rtol=0, atol=0, msg=name)
     assert reloaded.model.layers[0].mlp.gate.expert_bias.abs().sum() > 0
+
+
+def test_sub_groups_of_one_rank_keep_local_counts(workdir):
+    model = QwenMoeGBForCausalLM(make_config()).train()
+    model.load_state_dict(torch.load(workdir / "init_f32.pt"), strict=False)
+    with torch.no_grad():
+        for rank in range(2):
+            local = model(input_ids=batch_for(step=0, rank=rank)).router_stats.counts.sum(1).long()
+            torch.testing.assert_close(torch.load(workdir / f"subgroup_rank{rank}.pt"), local, rtol=0, atol=0)
+
+
+def test_cli_pretrain_runs_unchanged_under_torchrun(workdir):
+    run = workdir / "cli_ddp"
+    history = json.loads((run / "log_history.json").read_text())["log_history"]
+    assert [h["step"] for h in history if "loss" in h] == [2, 4]
+    assert "balance/maxvio_global" in history[0]
+    assert json.loads((run / "eval.json").read_text())["average_ppl"] > 1.0
+    assert (run / "model.safetensors").is_file() and (run / "README.md").is_file()
