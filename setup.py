@@ -17,6 +17,7 @@ setup(
     },
     package_data={
         "modeling_qwenmoe_gb.configuration": ["*.json", "accelerate/*.yaml"],
+        "modeling_qwenmoe_gb": ["metrics/*/*.py"],
         "modeling_qwenmoe_gb.model_cards": ["*.md"],
     },
     install_requires=[

@@ -8,6 +8,7 @@ Features
   layer and domain (Figure 4a), the specialization number I(domain; expert) = mean KL of each domain's expert
   distribution from the domain mixture's (uniform prior over domains), each domain's maximum expert frequency.
 - PNG plots with matplotlib (Agg backend, no display).
+- The same specialization numbers as a local `evaluate` metric: `evaluate.load(SPECIALIZATION_METRIC)`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 import torch
 
 from .data import PackedDomains
+
+SPECIALIZATION_METRIC = str(Path(__file__).resolve().parent / "metrics" / "expert_specialization")
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
 """Data: deterministic synthetic corpus, local and Hub loading through datasets, packing, the domain sampler."""
 
 import json
+import math
 from collections import Counter
 
 import pytest
@@ -141,3 +142,19 @@ def test_sampler_chunks_are_domain_pure():
     assert mixed > 150  # micro-batches mix domains chunk by chunk
     with pytest.raises(ValueError, match="domain_chunk=3 must divide the micro-batch size 8"):
         DomainBatchSampler([30], 8, [1.0], 10, chunk_size=3)
+
+
+def test_specialization_evaluate_metric_matches_the_analysis(tmp_path, monkeypatch):
+    import evaluate
+    import torch
+
+    from modeling_qwenmoe_gb.analysis import SPECIALIZATION_METRIC, specialization_stats
+
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path))
+    counts = {"a": torch.tensor([[10.0, 0, 0, 10], [5, 5, 5, 5]]), "b": torch.tensor([[0.0, 10, 10, 0], [5, 5, 5, 5]])}
+    metric = evaluate.load(SPECIALIZATION_METRIC)
+    result = metric.compute(domains=list(counts), counts=[c.tolist() for c in counts.values()], top_k=2)
+    expected = specialization_stats(counts, 2)
+    assert result["specialization_kl"] == pytest.approx(expected["specialization_kl"])
+    assert result["kl_per_layer"] == pytest.approx([math.log(2), 0.0])  # disjoint halves of the experts: log 2
+    assert result["max_expert_frequency"] == {"a": 0.75, "b": 0.75}
