@@ -196,7 +196,8 @@ def load_hub_corpus(
     test_fraction: float = 0.05,
 ):
     """Hub datasets by name through `datasets` (streaming): one dataset with a `domain_column`, or one per domain
-    (`domain=name` or `name`, the domain being the last path part). Test split: the first `test_fraction` of each."""
+    (`domain=name` or `name`, the domain being the last path part). At most `max_docs` documents per domain (a mixed
+    dataset is read for at most 50 × `max_docs` rows). Test split: the first `test_fraction` of each domain."""
     from datasets import load_dataset
 
     per_domain: dict[str, list[str]] = {}
