@@ -91,6 +91,19 @@ class QwenMoeGBTrainer(Trainer):
         )
         return self.accelerator.prepare(loader)
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The stock save, with the training arguments as JSON instead of a pickled `training_args.bin`, so a saved
+        model folder holds no pickle (weights are safetensors; optimizer / RNG states stay in checkpoint-* only)."""
+        super()._save(output_dir, state_dict)
+        if not self.args.should_save:  # only the main process writes
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        pickled = os.path.join(output_dir, "training_args.bin")
+        if os.path.isfile(pickled):
+            os.remove(pickled)
+        with open(os.path.join(output_dir, "training_args.json"), "w") as f:
+            f.write(self.args.to_json_string())
+
     def _restore_weights(self, checkpoint: str) -> bool:
         """Load a saved checkpoint into `self.model` through `from_pretrained` (which converts the per-expert Hub
         layout back to fused experts). Returns False where the stock path must run (FSDP, DeepSpeed, PEFT)."""

@@ -84,11 +84,34 @@ def cli_pretrain(out: Path) -> None:
     ])  # fmt: skip
 
 
+def uneven_last_batch(out: Path, rank: int) -> None:
+    """Rank 0 holds 2 sequences, rank 1 only 1 (an uneven last batch): the counts still sum over both."""
+    model = QwenMoeGBForCausalLM(make_config()).train()
+    model.load_state_dict(torch.load(out / "init_f32.pt"), strict=False)
+    balancer = GlobalBalancer(model)
+    ids = batch_for(step=9, rank=rank)[: 2 - rank]
+    balance, parts = balancer(model(input_ids=ids, labels=ids, add_balance_loss=False).router_stats)
+    torch.save({"counts": balancer.step_counts.clone(), "lbl": parts["lbl"].detach()}, out / f"uneven_rank{rank}.pt")
+
+
+def raising_rank(rank: int) -> None:
+    """Rank 1 fails before its first collective; rank 0 is left waiting in the balancer's all-reduce."""
+    model = QwenMoeGBForCausalLM(make_config()).train()
+    balancer = GlobalBalancer(model)
+    if rank == 1:
+        raise ValueError("rank 1 failed: bad shard")
+    ids = batch_for(step=0, rank=rank)
+    balancer(model(input_ids=ids, labels=ids, add_balance_loss=False).router_stats)
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     rank = int(os.environ["RANK"])
     os.environ["ACCELERATE_USE_CPU"] = "1"
     dist.init_process_group("gloo")
+    if sys.argv[2:] == ["raise"]:
+        raising_rank(rank)
+        return
     for scope in ("global", "micro"):
         ddp_global_vs_concat(out, rank, scope)
     accumulation_buffer(out, rank)
@@ -96,6 +119,7 @@ def main() -> None:
         trainer_run(out / f"trainer_{scope}_2x1x2", scope, batch=2, accumulation=1)
     trainer_run(out / "trainer_logged", "global", batch=2, accumulation=2, steps=3, save=True, aux_free=True)
     subgroup_counts(out, rank)
+    uneven_last_batch(out, rank)
     cli_pretrain(out)
     dist.barrier()
     dist.destroy_process_group()

@@ -53,6 +53,8 @@ def test_pretrain_writes_model_eval_analysis_and_card(run_dir):
     card = (out / "README.md").read_text()
     assert f"{report['average_ppl']:.3f}" in card and f"{spec['specialization_kl']:.4f}" in card
     assert "balance_scope" in card and "global" in card
+    pickles = [p.name for p in out.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle")]
+    assert pickles == [] and (out / "training_args.json").is_file()  # weights as safetensors, args as JSON
 
 
 def test_evaluate_and_analyze_commands_reload_the_checkpoint(run_dir, tmp_path, capsys):
@@ -104,6 +106,17 @@ def test_bad_input_fails_before_training(tmp_path):
         (tmp_path / "empty").mkdir()
         pretrain([*TINY, "--output_dir", str(tmp_path / "c"), "--data", str(tmp_path / "empty")])
     assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
+
+
+def test_bad_input_leaves_an_existing_run_untouched(run_dir):
+    out, _ = run_dir
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match="router_aux_loss_coef=-1.0 is not allowed"):
+        pretrain([*TINY, "--output_dir", str(out), "--router_aux_loss_coef", "-1"])
+    with pytest.raises(ValueError, match="domain_weights names domain 'nope'"):
+        pretrain([*TINY, "--output_dir", str(out), "--domain_weights", "nope=1"])
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # nothing overwritten, nothing lost
 
 
 def test_tokenizer_that_does_not_fit_the_model_is_rejected(tmp_path):

@@ -34,16 +34,15 @@ def workdir(tmp_path_factory):
     torch.save(model.state_dict(), out / "init.pt")
     torch.save(QwenMoeGBForCausalLM(make_config(aux_free=True)).state_dict(), out / "init_f32.pt")
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
-    result = subprocess.run(
-        [*cmd, str(ROOT / "tests" / "distributed_worker.py"), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = torchrun(out, env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return out
+
+
+def torchrun(out: Path, env: dict, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    worker = [str(ROOT / "tests" / "distributed_worker.py"), str(out), *extra]
+    return subprocess.run([*cmd, *worker], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def reference_model(out: Path, scope: str) -> QwenMoeGBForCausalLM:
@@ -194,3 +193,25 @@ def test_cli_pretrain_runs_unchanged_under_torchrun(workdir):
     assert "balance/maxvio_global" in history[0]
     assert json.loads((run / "eval.json").read_text())["average_ppl"] > 1.0
     assert (run / "model.safetensors").is_file() and (run / "README.md").is_file()
+
+
+def test_uneven_last_batch_counts_every_rank_once(workdir):
+    model = QwenMoeGBForCausalLM(make_config()).train()
+    model.load_state_dict(torch.load(workdir / "init_f32.pt"), strict=False)
+    with torch.no_grad():
+        stats = [model(input_ids=batch_for(step=9, rank=r)[: 2 - r]).router_stats for r in range(2)]
+    total = sum(s.counts.sum(1) for s in stats).long()  # 3 sequences in all
+    for rank in range(2):
+        seen = torch.load(workdir / f"uneven_rank{rank}.pt")
+        torch.testing.assert_close(seen["counts"], total, rtol=0, atol=0)
+        local = stats[rank]
+        expected = switch_balance_loss(total, local.prob_sums.sum(1), local.num_tokens.sum(1), 2, total.sum(-1) / 2)
+        torch.testing.assert_close(seen["lbl"], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_a_rank_that_raises_ends_the_job_with_its_error(tmp_path):
+    torch.save(QwenMoeGBForCausalLM(make_config()).state_dict(), tmp_path / "init_f32.pt")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    result = torchrun(tmp_path, env, "raise", timeout=120)  # a hang would hit the timeout and fail the test
+    assert result.returncode != 0
+    assert "rank 1 failed: bad shard" in result.stdout + result.stderr
