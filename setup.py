@@ -31,6 +31,9 @@ setup(
         "matplotlib>=3.7",
         "tqdm",
     ],
-    extras_require={"dev": ["pytest>=8", "ruff>=0.6", "tensorboard>=2.15"]},
+    extras_require={
+        "sft": ["trl>=1.0", "peft>=0.17"],
+        "dev": ["pytest>=8", "ruff>=0.6", "tensorboard>=2.15", "trl>=1.0", "peft>=0.17"],
+    },
     entry_points={"console_scripts": ["qwenmoe-gb=modeling_qwenmoe_gb.cli:main"]},
 )

@@ -33,6 +33,9 @@ from transformers.integrations import TensorBoardCallback
 
 from .balance import GlobalBalancer
 
+# Collator outputs of fine-tuning libraries (TRL) that are masks for their own losses, not model inputs.
+EXTRA_COLLATOR_KEYS = ("completion_mask", "assistant_masks")
+
 
 class BalanceCallback(TrainerCallback):
     """Updates the aux-free biases and resets the step buffer after all micro-steps, before `optimizer.step()`."""
@@ -56,8 +59,9 @@ class SwitchScopeCallback(TrainerCallback):
             self.config.validate_balance()
 
 
-class QwenMoeGBTrainer(Trainer):
-    """`transformers.Trainer` for QwenMoE-GB models.
+class GlobalBalanceMixin:
+    """Global-batch balancing for any `transformers.Trainer` subclass (put it first: `class T(GlobalBalanceMixin,
+    SFTTrainer)`): the balancer, its callback, the loss with the scale rule, metrics, fused-expert restore.
 
     Extra args:
         balance_sync_group_size: all-reduce expert counts only within groups of this many ranks (default: all).
@@ -74,6 +78,8 @@ class QwenMoeGBTrainer(Trainer):
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
+        if getattr(self.model.config, "output_router_logits", False):  # e.g. set by TRL; we never need the logits
+            self.model.config.output_router_logits = False
         self.balancer = GlobalBalancer(self.model, sync_group_size=balance_sync_group_size, bias_update=bias_update)
         self.add_callback(BalanceCallback(self.balancer))
         self.train_batch_sampler = train_batch_sampler
@@ -127,6 +133,7 @@ class QwenMoeGBTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         scaled_for_ga = self.model_accepts_loss_kwargs and num_items_in_batch is not None
         kwargs = {"num_items_in_batch": num_items_in_batch} if scaled_for_ga else {}
+        inputs = {k: v for k, v in inputs.items() if k not in EXTRA_COLLATOR_KEYS}
         outputs = model(**inputs, add_balance_loss=False, **kwargs)
         loss = outputs.loss
         if scaled_for_ga and self.args.average_tokens_across_devices:
@@ -162,4 +169,8 @@ class QwenMoeGBTrainer(Trainer):
                 writer.add_image("balance/expert_load", image, self.state.global_step, dataformats="HW")
 
 
-__all__ = ["BalanceCallback", "QwenMoeGBTrainer", "SwitchScopeCallback"]
+class QwenMoeGBTrainer(GlobalBalanceMixin, Trainer):
+    """`transformers.Trainer` for QwenMoE-GB models (see `GlobalBalanceMixin` for the extra args)."""
+
+
+__all__ = ["BalanceCallback", "GlobalBalanceMixin", "QwenMoeGBTrainer", "SwitchScopeCallback"]
