@@ -220,7 +220,8 @@ def pretrain(argv: list[str]) -> dict:
     analysis.write_json({"log_history": trainer.state.log_history}, out_dir / "log_history.json")
     if hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(out_dir)
-    save_data_info(out_dir / "data_info.json", corpus, train, data_args.tokenizer, data_args.data)
+    info = (out_dir / "data_info.json", corpus, train, data_args.tokenizer, data_args.data, train_args.world_size)
+    save_data_info(*info)
     result = evaluate_and_analyze(trainer.model, test, out_dir, data_args, f"{model.config.balance_scope} balance")
     write_model_card(out_dir, model.config, result["eval"], result["specialization"], describe_data(data_args, train))
     print(analysis.format_ppl_table(result["eval"]))

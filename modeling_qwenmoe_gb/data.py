@@ -349,9 +349,12 @@ class DomainBatchSampler(Sampler[list[int]]):
             yield batch
 
 
-def save_data_info(path: Path, corpus, packed: PackedDomains, tokenizer_name: str, data: str) -> None:
+def save_data_info(
+    path: Path, corpus, packed: PackedDomains, tokenizer_name: str, data: str, world_size: int = 1
+) -> None:
     info = {
         "data": data,
+        "world_size": world_size,
         "tokenizer": tokenizer_name,
         "domains": packed.domains,
         "train_sequences": dict(zip(packed.domains, packed.sizes)),

@@ -94,6 +94,33 @@ def uneven_last_batch(out: Path, rank: int) -> None:
     torch.save({"counts": balancer.step_counts.clone(), "lbl": parts["lbl"].detach()}, out / f"uneven_rank{rank}.pt")
 
 
+def fsdp2_global(out: Path, rank: int) -> None:
+    """Raw FSDP2 (`fully_shard` per decoder layer + root) on CPU/gloo with the balancer, global scope."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    model = QwenMoeGBForCausalLM(make_config()).train()
+    model.load_state_dict(torch.load(out / "init_f32.pt"), strict=False)
+    model.set_experts_implementation("eager")
+    mesh = init_device_mesh("cpu", (2,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    router = model.model.layers[0].mlp.gate.weight
+    sharded = isinstance(router, DTensor) and router.to_local().shape[0] == router.shape[0] // 2
+    balancer = GlobalBalancer(model)
+    ids = batch_for(step=0, rank=rank)
+    outputs = model(input_ids=ids, labels=ids, add_balance_loss=False)
+    balance, _ = balancer(outputs.router_stats)
+    (outputs.loss + balance).backward()
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if "mlp.gate.weight" in n}
+    torch.save(
+        {"sharded": sharded, "counts": balancer.step_counts.clone(), "balance": balance.detach(), "grads": grads},
+        out / f"fsdp2_rank{rank}.pt",
+    )
+
+
 def raising_rank(rank: int) -> None:
     """Rank 1 fails before its first collective; rank 0 is left waiting in the balancer's all-reduce."""
     model = QwenMoeGBForCausalLM(make_config()).train()
@@ -120,6 +147,7 @@ def main() -> None:
     trainer_run(out / "trainer_logged", "global", batch=2, accumulation=2, steps=3, save=True, aux_free=True)
     subgroup_counts(out, rank)
     uneven_last_batch(out, rank)
+    fsdp2_global(out, rank)
     cli_pretrain(out)
     dist.barrier()
     dist.destroy_process_group()

@@ -193,6 +193,7 @@ def test_cli_pretrain_runs_unchanged_under_torchrun(workdir):
     assert "balance/maxvio_global" in history[0]
     assert json.loads((run / "eval.json").read_text())["average_ppl"] > 1.0
     assert (run / "model.safetensors").is_file() and (run / "README.md").is_file()
+    assert json.loads((run / "data_info.json").read_text())["world_size"] == 2
 
 
 def test_uneven_last_batch_counts_every_rank_once(workdir):
@@ -215,3 +216,20 @@ def test_a_rank_that_raises_ends_the_job_with_its_error(tmp_path):
     result = torchrun(tmp_path, env, "raise", timeout=120)  # a hang would hit the timeout and fail the test
     assert result.returncode != 0
     assert "rank 1 failed: bad shard" in result.stdout + result.stderr
+
+
+def test_fsdp2_sharded_training_matches_one_process(workdir):
+    model = QwenMoeGBForCausalLM(make_config()).train()
+    model.load_state_dict(torch.load(workdir / "init_f32.pt"), strict=False)
+    model.set_experts_implementation("eager")
+    ids = [batch_for(step=0, rank=r) for r in range(2)]
+    all_ids = torch.cat(ids)
+    out = model(input_ids=all_ids, labels=all_ids, add_balance_loss=False)
+    (out.loss + GlobalBalancer(model)(out.router_stats)[0]).backward()
+    counts = out.router_stats.counts.sum(1).long()
+    for rank in range(2):
+        seen = torch.load(workdir / f"fsdp2_rank{rank}.pt")
+        assert seen["sharded"], "FSDP2 did not shard the router weight"
+        torch.testing.assert_close(seen["counts"], counts, rtol=0, atol=0)
+        for name, grad in seen["grads"].items():
+            torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,50 @@
+"""The ready-made accelerate configs load, target our classes, and the DDP one runs the CLI on 2 CPU processes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from accelerate.commands.config.config_args import load_config_from_file
+from accelerate.utils import DistributedType
+
+from modeling_qwenmoe_gb.modeling_qwenmoe_gb import QwenMoeGBDecoderLayer
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configuration" / "accelerate"
+
+
+@pytest.mark.parametrize(
+    "name,kind",
+    [("ddp", DistributedType.MULTI_GPU), ("fsdp", DistributedType.FSDP), ("deepspeed_zero2", DistributedType.DEEPSPEED),
+     ("deepspeed_zero3", DistributedType.DEEPSPEED)],
+)  # fmt: skip
+def test_configs_load_with_accelerate(name, kind):
+    config = load_config_from_file(str(CONFIGS / f"{name}.yaml"))
+    assert config.distributed_type == kind
+    if kind == DistributedType.FSDP:
+        assert config.fsdp_config["fsdp_version"] == 2
+        assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == QwenMoeGBDecoderLayer.__name__
+    if kind == DistributedType.DEEPSPEED:
+        assert config.deepspeed_config["zero_stage"] == int(name[-1])
+
+
+@pytest.mark.distributed
+def test_accelerate_launch_ddp_config_runs_pretrain_on_two_cpu_processes(tmp_path):
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "ddp.yaml"),
+        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "0",
+        "-m", "modeling_qwenmoe_gb.cli", "pretrain", "--output_dir", str(out), "--max_steps", "2",
+        "--synthetic_docs", "30", "--seq_len", "64", "--per_device_train_batch_size", "2",
+        "--gradient_accumulation_steps", "2", "--eval_max_sequences", "2", "--logging_steps", "1",
+        "--save_strategy", "no", "--use_cpu", "true", "--disable_tqdm", "true",
+        "--config_overrides", '{"num_hidden_layers": 2}',
+    ]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    history = json.loads((out / "log_history.json").read_text())["log_history"]
+    assert [h["step"] for h in history if "loss" in h] == [1, 2]
+    assert json.loads((out / "data_info.json").read_text())["world_size"] == 2  # really 2 processes (DDP on gloo)
