@@ -23,6 +23,7 @@ from transformers import HfArgumentParser, TrainingArguments, set_seed
 from . import analysis
 from .configuration_qwenmoe_gb import QwenMoeGBConfig
 from .data import (
+    ByteTokenizer,
     DomainBatchSampler,
     collate_causal_lm,
     load_corpus,
@@ -218,8 +219,7 @@ def pretrain(argv: list[str]) -> dict:
     if not trainer.is_world_process_zero():
         return {}
     analysis.write_json({"log_history": trainer.state.log_history}, out_dir / "log_history.json")
-    if hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(out_dir)
+    (tokenizer.to_hf() if isinstance(tokenizer, ByteTokenizer) else tokenizer).save_pretrained(out_dir)
     info = (out_dir / "data_info.json", corpus, train, data_args.tokenizer, data_args.data, train_args.world_size)
     save_data_info(*info)
     result = evaluate_and_analyze(trainer.model, test, out_dir, data_args, f"{model.config.balance_scope} balance")

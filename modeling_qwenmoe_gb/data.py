@@ -133,6 +133,33 @@ class ByteTokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
+    def to_hf(self):
+        """The same tokenizer as a `PreTrainedTokenizerFast` (identical ids: byte b -> b, pad 256, bos 257, eos 258),
+        for libraries that need one (TRL) and to save next to a model."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        vocab = {char: byte for byte, char in _bytes_to_unicode().items()}
+        vocab.update({"<pad>": 256, "<s>": 257, "</s>": 258})
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map used by byte-level BPE tokenizers."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[byte] = chr(byte)
+        else:
+            chars[byte] = chr(256 + extra)
+            extra += 1
+    return chars
+
 
 def load_tokenizer(name: str = "byte"):
     """`"byte"` for `ByteTokenizer`, otherwise `AutoTokenizer.from_pretrained(name)` (a path or a Hub name)."""

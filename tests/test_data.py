@@ -158,3 +158,16 @@ def test_specialization_evaluate_metric_matches_the_analysis(tmp_path, monkeypat
     assert result["specialization_kl"] == pytest.approx(expected["specialization_kl"])
     assert result["kl_per_layer"] == pytest.approx([math.log(2), 0.0])  # disjoint halves of the experts: log 2
     assert result["max_expert_frequency"] == {"a": 0.75, "b": 0.75}
+
+
+def test_byte_tokenizer_as_a_transformers_tokenizer_has_identical_ids(tmp_path):
+    tok = ByteTokenizer()
+    hf = tok.to_hf()
+    for text in ["hello world", "def f(x):\n    return 2 * x\n", "床前明月光，疑是地上霜。", " a  b\t"]:
+        ids = hf(text, add_special_tokens=False)["input_ids"]
+        assert ids == tok.encode(text) and hf.decode(ids) == text
+    assert (len(hf), hf.pad_token_id, hf.bos_token_id, hf.eos_token_id) == (259, 256, 257, 258)
+    hf.save_pretrained(tmp_path)
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(tmp_path)("ab")["input_ids"] == [97, 98]

@@ -70,3 +70,19 @@ def test_lora_on_attention_and_experts(tmp_path, train_router):
     assert not torch.equal(merged.model.layers[0].mlp.experts.gate_up_proj, experts_before)  # LoRA merged in
     router_changed = not torch.equal(merged.model.layers[0].mlp.gate.weight, router_before)
     assert router_changed is train_router
+
+
+def test_sft_example_script_with_lora(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    QwenMoeGBForCausalLM(tiny_config(vocab_size=260)).save_pretrained(tmp_path / "base")
+    script = Path(__file__).resolve().parent.parent / "scripts" / "sft_example.py"
+    cmd = [sys.executable, str(script), "--model", str(tmp_path / "base"), "--output_dir", str(tmp_path / "sft"),
+           "--max_steps", "2", "--logging_steps", "1", "--lora", "--disable_tqdm", "true"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "balance/global_lbl" in result.stdout
+    assert (tmp_path / "sft" / "adapter_model.safetensors").is_file()
