@@ -32,6 +32,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.integrations import TensorBoardCallback
 
 from .balance import GlobalBalancer
+from .configuration_qwenmoe_gb import BALANCE_SCOPES
 
 # Collator outputs of fine-tuning libraries (TRL) that are masks for their own losses, not model inputs.
 EXTRA_COLLATOR_KEYS = ("completion_mask", "assistant_masks")
@@ -50,7 +51,9 @@ class BalanceCallback(TrainerCallback):
 class SwitchScopeCallback(TrainerCallback):
     """Switches `balance_scope` at a given optimizer step (paper Table 3: micro → global mid-training)."""
 
-    def __init__(self, model, step: int, scope: str):
+    def __init__(self, model, step: int, scope: str | None):
+        if scope not in BALANCE_SCOPES:  # fail before training, not at the switch
+            raise ValueError(f"switch_scope_to={scope!r} is unknown: allowed {list(BALANCE_SCOPES)}")
         self.config, self.step, self.scope = model.config, step, scope
 
     def on_step_begin(self, args, state, control, **kwargs):

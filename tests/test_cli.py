@@ -102,6 +102,8 @@ def test_bad_input_fails_before_training(tmp_path):
         pretrain([*TINY, "--output_dir", str(tmp_path / "a"), "--seq_len", "4096"])
     with pytest.raises(ValueError, match="balance_scope='nope' is unknown"):
         pretrain([*TINY, "--output_dir", str(tmp_path / "b"), "--balance_scope", "nope"])
+    with pytest.raises(ValueError, match="switch_scope_to='later' is unknown"):
+        pretrain([*TINY, "--output_dir", str(tmp_path / "d"), "--switch_scope_at", "2", "--switch_scope_to", "later"])
     with pytest.raises(ValueError, match="has no domains"):
         (tmp_path / "empty").mkdir()
         pretrain([*TINY, "--output_dir", str(tmp_path / "c"), "--data", str(tmp_path / "empty")])
@@ -126,3 +128,9 @@ def test_tokenizer_that_does_not_fit_the_model_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="tokenizer='byte' has 259 tokens but the model's vocab_size is 99"):
         pretrain([*TINY, "--output_dir", str(tmp_path / "out"), "--model_name_or_path", str(tmp_path / "small-vocab")])
     assert not (tmp_path / "out").exists()
+
+
+def test_scope_switch_mid_training(tmp_path):
+    pretrain([*TINY, "--output_dir", str(tmp_path), "--balance_scope", "micro", "--switch_scope_at", "3",
+              "--switch_scope_to", "global", "--save_strategy", "no"])  # fmt: skip
+    assert json.loads((tmp_path / "config.json").read_text())["balance_scope"] == "global"
