@@ -29,7 +29,6 @@ def route_domains(model, packed: PackedDomains, batch_size: int = 16, max_sequen
     """{domain: {"ce_sum", "tokens", "counts" (L, E), "topk_score_sum" (L,)}} over the held-out sequences."""
     model.eval()
     device = next(model.parameters()).device
-    config = model.config
     routers = model.model.moe_routers()
     out = {}
     for domain in packed.domains:
@@ -46,19 +45,16 @@ def route_domains(model, packed: PackedDomains, batch_size: int = 16, max_sequen
             tokens += ids[:, 1:].numel()
             counts = counts + result.router_stats.counts.sum(1).double().cpu()  # (L, E)
             topk = (
-                topk + torch.stack([_topk_score_sum(x, r, config) for x, r in zip(result.router_logits, routers)]).cpu()
+                topk + torch.stack([_topk_score_sum(x, r) for x, r in zip(result.router_logits, routers)]).cpu()
             )  # (L,)
         n_tokens = len(seqs) * seqs.shape[1]
         out[domain] = {"ce_sum": ce_sum, "tokens": tokens, "counts": counts, "topk_score_sum": topk / n_tokens}
     return out
 
 
-def _topk_score_sum(router_logits: torch.Tensor, router, config) -> torch.Tensor:
+def _topk_score_sum(router_logits: torch.Tensor, router) -> torch.Tensor:
     """Σ over tokens of the (unnormalised) scores of the selected top-K experts, for one layer."""
-    logits = router_logits.float()  # (T, E)
-    scores = logits.softmax(-1) if config.router_scoring_func == "softmax" else logits.sigmoid()
-    selection = scores + router.expert_bias if config.aux_free else scores
-    index = selection.topk(config.num_experts_per_tok, -1).indices  # (T, K)
+    scores, index = router.select(router_logits)  # (T, E), (T, K)
     return scores.gather(-1, index).sum().double()
 
 

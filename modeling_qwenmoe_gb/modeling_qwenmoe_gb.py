@@ -198,21 +198,25 @@ def balance_loss(
     """
     k = config.num_experts_per_tok
     whole = group_sequences(stats, None)  # (L, 1, E), (L, 1)
-    micro = group_sequences(stats, micro_group_size(config))  # (L, G, E), (L, G)
-    micro_args = (micro.counts, micro.prob_sums, micro.num_tokens, k)
+    size = micro_group_size(config)
+    micro = whole if size is None else group_sequences(stats, size)  # (L, G, E), (L, G)
+    micro_lbl = switch_balance_loss(micro.counts, micro.prob_sums, micro.num_tokens, k)
+    f_tokens = None  # tokens the counts of f were taken over, when not the local ones
     if config.balance_scope == "global" and global_counts is not None:
-        f_args = (global_counts[:, None], whole.prob_sums, whole.num_tokens, k, global_counts.sum(-1, True) / k)
+        scoped, f_counts, f_tokens = whole, global_counts[:, None], global_counts.sum(-1, True) / k
     elif config.balance_scope == "global":
-        f_args = (whole.counts, whole.prob_sums, whole.num_tokens, k)
+        scoped, f_counts = whole, whole.counts
     else:
-        f_args = micro_args
-    parts = {"lbl": switch_balance_loss(*f_args[:4], *f_args[4:]), "micro_lbl": switch_balance_loss(*micro_args)}
+        scoped, f_counts = micro, micro.counts
+    local_f = scoped is micro and f_tokens is None  # f at the micro grouping: the same loss as micro_lbl
+    lbl = micro_lbl if local_f else switch_balance_loss(f_counts, scoped.prob_sums, scoped.num_tokens, k, f_tokens)
+    parts = {"lbl": lbl, "micro_lbl": micro_lbl}
     total = config.router_aux_loss_coef * parts["lbl"]
     if config.micro_balance_coef > 0 and config.balance_scope == "global":
         total = total + config.micro_balance_coef * parts["micro_lbl"]
     groups = config.expert_groups()
     if groups is not None:
-        parts["device_lbl"] = device_balance_loss(*f_args[:4], groups, *f_args[4:])
+        parts["device_lbl"] = device_balance_loss(f_counts, scoped.prob_sums, scoped.num_tokens, k, groups, f_tokens)
         total = total + config.device_balance_coef * parts["device_lbl"]
     parts["z_loss"] = router_z_loss(stats.z_sums, stats.num_tokens)
     if config.router_z_loss_coef > 0:
@@ -243,13 +247,17 @@ class QwenMoeGBTopKRouter(nn.Module):
             self.expert_bias = self.expert_bias.float()
         return self
 
-    def forward(self, hidden_states: torch.Tensor):
-        hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])  # (T, D)
-        router_logits = F.linear(hidden_states, self.weight)  # (T, E)
+    def select(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 scores (T, E) and the selected experts (T, K); the bias only moves the selection."""
         logits = router_logits.float()
         scores = logits.softmax(-1) if self.scoring_func == "softmax" else logits.sigmoid()  # (T, E)
         selection = scores + self.expert_bias if self.aux_free else scores
-        top_k_index = torch.topk(selection, self.top_k, dim=-1).indices  # (T, K)
+        return scores, torch.topk(selection, self.top_k, dim=-1).indices  # (T, E), (T, K)
+
+    def forward(self, hidden_states: torch.Tensor):
+        hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])  # (T, D)
+        router_logits = F.linear(hidden_states, self.weight)  # (T, E)
+        scores, top_k_index = self.select(router_logits)
         top_k_weights = scores.gather(-1, top_k_index)  # (T, K)
         if self.norm_topk_prob:
             top_k_weights = top_k_weights / top_k_weights.sum(-1, keepdim=True)
