@@ -66,6 +66,7 @@ class GlobalBalancer:
             global); must divide the world size.
         bias_update: `"global"` (default): aux-free biases move once per optimizer step from the step's global counts;
             `"micro"`: after every micro-batch from its local counts (the baseline the global update is compared to).
+        max_pending: micro-steps whose metrics may wait for `pop_metrics` before they are computed (memory bound).
     """
 
     def __init__(
@@ -74,10 +75,12 @@ class GlobalBalancer:
         group: dist.ProcessGroup | None = None,
         sync_group_size: int | None = None,
         bias_update: str = "global",
+        max_pending: int = 64,
     ):
         if bias_update not in ("global", "micro"):
             raise ValueError(f"bias_update={bias_update!r} is unknown: allowed ['global', 'micro']")
         self.bias_update = bias_update
+        self.max_pending = max_pending
         self.moe_model = find_moe_model(model)
         self.config = self.moe_model.config
         self.group = group
@@ -87,10 +90,12 @@ class GlobalBalancer:
                 raise ValueError(f"sync_group_size={sync_group_size} must be a positive divisor of world size {world}")
             if dist.is_initialized():
                 self.group, _ = dist.new_subgroups(group_size=sync_group_size)
-        self._sums: dict[str, torch.Tensor] = defaultdict(lambda: 0)
+        self._sums: dict[str, torch.Tensor] = defaultdict(lambda: 0)  # metric sums, on the model's device
+        self._pending: list[tuple[RouterStats, torch.Tensor]] = []  # micro-steps whose metrics are not computed yet
         self._micro_steps = 0
         self._steps = 0
-        self.last_step_load: torch.Tensor | None = None  # (L, E) share of selections in the last optimizer step
+        self._counted = False  # counts were added to the buffer since the last optimizer step
+        self._last_step_counts: torch.Tensor | None = None
 
     # ----------------------------------------------------------------- per micro-step
     @property
@@ -108,6 +113,7 @@ class GlobalBalancer:
             dist.all_reduce(counts, group=self.group)
         buffer = self.step_counts
         buffer.add_(counts.to(buffer.device))
+        self._counted = True
         return buffer
 
     def __call__(self, stats: RouterStats | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -119,7 +125,7 @@ class GlobalBalancer:
         use_global = self.config.balance_scope == "global" and global_counts is not None
         loss, parts = balance_loss(self.config, stats, global_counts if use_global else None)
         if counting:
-            self._record(stats, parts, global_counts)
+            self._record(stats, global_counts)
             if self.config.aux_free and self.bias_update == "micro":
                 self._update_biases(stats.counts.detach().sum(1))
         return loss, parts
@@ -132,30 +138,64 @@ class GlobalBalancer:
             delta = torch.sign(layer_counts.mean() - layer_counts) * rate  # (E,)
             router.expert_bias.add_(delta.to(router.expert_bias))
 
-    def _record(self, stats: RouterStats, parts: dict[str, torch.Tensor], global_counts: torch.Tensor) -> None:
-        k = self.config.num_experts_per_tok
-        micro = group_sequences(stats, micro_group_size(self.config))  # (L, G, E): the micro-scope groups
-        self._sums["micro_lbl"] = self._sums["micro_lbl"] + per_layer_lbl(micro.counts, micro, k)
-        self._sums["global_lbl"] = self._sums["global_lbl"] + per_layer_lbl(global_counts, stats, k)
-        self._sums["maxvio_micro"] = self._sums["maxvio_micro"] + max_violation(micro.counts).mean(-1)
-        self._sums["z_loss"] = self._sums["z_loss"] + parts["z_loss"].detach()
+    def _record(self, stats: RouterStats, global_counts: torch.Tensor) -> None:
+        """Keep this micro-step's detached statistics and a snapshot of the step counts; the metrics are computed in
+        one batch when they are read (`pop_metrics`), so a micro-step adds one copy of (L, E) and no host sync."""
+        detached = RouterStats(*(x.detach() for x in (stats.counts, stats.prob_sums, stats.num_tokens, stats.z_sums)))
+        self._pending.append((detached, global_counts.clone()))
         self._micro_steps += 1
+        if len(self._pending) >= self.max_pending:  # bound the memory when metrics are rarely read
+            self._fold_pending()
+
+    @torch.no_grad()
+    def _fold_pending(self) -> None:
+        """Per-layer metrics of the pending micro-steps, computed together for each shape: (M, L, B, E) stacks viewed
+        as (M·L, B, E) so the grouping and the losses run once for all M micro-steps."""
+        k, size = self.config.num_experts_per_tok, micro_group_size(self.config)
+        by_shape: dict[tuple[int, ...], list[tuple[RouterStats, torch.Tensor]]] = defaultdict(list)
+        for entry in self._pending:
+            by_shape[tuple(entry[0].counts.shape)].append(entry)
+        self._pending = []
+        for entries in by_shape.values():
+            m = len(entries)
+            fields = zip(*((e[0].counts, e[0].prob_sums, e[0].num_tokens, e[0].z_sums) for e in entries))
+            stats = RouterStats(*(torch.stack(x).flatten(0, 1) for x in fields))  # (M·L, B, ·)
+            global_counts = torch.stack([e[1] for e in entries]).flatten(0, 1)  # (M·L, E)
+            micro = group_sequences(stats, size)  # (M·L, G, E): the micro-scope groups
+            z = stats.z_sums.sum(-1) / stats.num_tokens.sum(-1).clamp_min(1.0)  # (M·L,) z-loss per layer
+            self._add("micro_lbl", _sum_steps(per_layer_lbl(micro.counts, micro, k), m))
+            self._add("global_lbl", _sum_steps(per_layer_lbl(global_counts, stats, k), m))
+            self._add("maxvio_micro", _sum_steps(max_violation(micro.counts).mean(-1), m))
+            self._add("z_loss", _sum_steps(z.double(), m).mean())
+
+    def _add(self, name: str, value: torch.Tensor) -> None:
+        self._sums[name] = self._sums[name] + value
 
     # ----------------------------------------------------------------- per optimizer step
     @torch.no_grad()
     def step(self) -> None:
-        """At the optimizer step: update aux-free biases from the step's global counts, then reset the buffer."""
-        counts = self.step_counts
-        if counts.sum() == 0:
+        """At the optimizer step: update aux-free biases from the step's global counts, then reset the buffer.
+        No host sync: the metrics of the step stay on the device until they are read."""
+        if not self._counted:
             return
-        self._sums["maxvio_global"] = self._sums["maxvio_global"] + max_violation(counts)
-        self.last_step_load = (counts.double() / counts.sum(-1, keepdim=True).clamp_min(1)).cpu()
+        counts = self.step_counts
+        self._add("maxvio_global", max_violation(counts))
+        self._last_step_counts = counts.clone()
         if self.config.aux_free and self.bias_update == "global":
             self._update_biases(counts)
         bias = torch.stack([r.expert_bias for r in self.moe_model.moe_routers()])  # (L, E)
-        self._sums["bias_spread"] = self._sums["bias_spread"] + (bias.amax(-1) - bias.amin(-1)).double().cpu()
+        self._add("bias_spread", (bias.amax(-1) - bias.amin(-1)).double())
         counts.zero_()
+        self._counted = False
         self._steps += 1
+
+    @property
+    def last_step_load(self) -> torch.Tensor | None:
+        """(L, E) share of the selections that went to each expert in the last optimizer step (CPU, float64)."""
+        if self._last_step_counts is None:
+            return None
+        counts = self._last_step_counts.double().cpu()
+        return counts / counts.sum(-1, keepdim=True).clamp_min(1)
 
     def register_step_hook(self, optimizer: torch.optim.Optimizer):
         """Call `step()` before every `optimizer.step()` (a plain loop's alternative to the Trainer callback)."""
@@ -166,6 +206,7 @@ class GlobalBalancer:
         """Metrics averaged since the last call (per layer and mean); micro metrics averaged over ranks too."""
         if self._micro_steps == 0:
             return {}
+        self._fold_pending()
         names = sorted(self._sums)
         per_micro = {"micro_lbl", "global_lbl", "maxvio_micro", "z_loss"}
         rows = []
@@ -186,6 +227,11 @@ class GlobalBalancer:
             if len(values) > 1:
                 metrics.update({f"balance/{name}/layer_{i}": float(v) for i, v in enumerate(values)})
         return metrics
+
+
+def _sum_steps(x: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """(M·L,) per-layer values of M micro-steps -> (L,) summed over the micro-steps."""
+    return x.view(num_steps, -1).sum(0)
 
 
 def _comm_device() -> torch.device:

@@ -20,10 +20,12 @@ import json
 import os
 import platform
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 import torch
 import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .balance import GlobalBalancer
 from .configuration_qwenmoe_gb import QwenMoeGBConfig
@@ -67,6 +69,9 @@ class Result:
     peak_mem_gib: float | None
     mfu: float | None
     allreduce_ms: float | None = None  # the balancer call per step (all-reduce of the counts + losses + metrics)
+    compiled: bool = False  # decoder layers under torch.compile
+    ops_per_step: int | None = None  # ATen ops dispatched by forward + balance loss + backward + balancer step
+    saved_mib: float | None = None  # activations saved for backward + router tensors the output keeps
 
 
 def reference_model(kind: str, config: QwenMoeGBConfig):
@@ -80,8 +85,17 @@ def reference_model(kind: str, config: QwenMoeGBConfig):
     return transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(**fields))
 
 
-def build(name: str, config: QwenMoeGBConfig, impl: str, device: torch.device, dtype: torch.dtype, state=None):
-    """(model, balancer or None) for one benchmark arm; every arm loads the same weights."""
+def build(
+    name: str,
+    config: QwenMoeGBConfig,
+    impl: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    state=None,
+    compiled: bool = False,
+):
+    """(model, balancer or None) for one benchmark arm; every arm loads the same weights. `compiled`: each decoder
+    layer goes through `torch.compile` (ours and transformers' alike)."""
     if name.startswith("transformers-"):
         model = reference_model(name.split("-")[1], config)
     else:
@@ -94,7 +108,75 @@ def build(name: str, config: QwenMoeGBConfig, impl: str, device: torch.device, d
             raise ValueError(f"{name}: weights differ from QwenMoE-GB's: missing {missing}, unexpected {unexpected}")
     model.set_experts_implementation(impl)
     model.to(device=device, dtype=dtype).train()
+    if compiled:
+        compile_decoder_layers(model)
     return model, None if name.startswith("transformers-") else GlobalBalancer(model)
+
+
+def compile_decoder_layers(model: torch.nn.Module, **compile_kwargs) -> torch.nn.Module:
+    """`torch.compile` each decoder layer in place (`nn.Module.compile`: parameter names and checkpoints unchanged),
+    the per-block compilation torchtitan uses; the layers fuse their element-wise work (norms, rotary, SiLU · up,
+    gate weights, residuals). Works for QwenMoE-GB and transformers' Qwen-MoE models."""
+    for layer in model.model.layers:
+        layer.compile(**compile_kwargs)
+    return model
+
+
+def _train_loss(model, balancer, ids: torch.Tensor):
+    """Forward + the balance loss of one training micro-step: (outputs, loss, seconds in the balancer call)."""
+    if balancer is None:
+        out = model(input_ids=ids, labels=ids)
+        return out, out.loss, 0.0
+    out = model(input_ids=ids, labels=ids, add_balance_loss=False)
+    start = time.perf_counter()
+    balance, _ = balancer(out.router_stats)
+    return out, out.loss + balance, time.perf_counter() - start
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the ATen ops that reach the kernels (after autograd and decompositions): on a GPU, ≈ kernel launches."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket.__name__)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def step_accounting(model, balancer, ids: torch.Tensor) -> tuple[int, float]:
+    """Deterministic cost of one training step, no timing: (ATen ops dispatched by forward + balance loss + backward +
+    balancer step, MiB of activations saved for backward plus the router tensors the output keeps). Two untimed steps:
+    one under the op counter, one under saved-tensor hooks (which dispatch ops of their own). Storages are counted
+    once; parameters are not activations and are left out."""
+    counter = _OpCounter()
+    with counter:
+        _, loss, _ = _train_loss(model, balancer, ids)
+        loss.backward()
+        if balancer is not None:
+            balancer.step()
+    model.zero_grad(set_to_none=True)
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        out, loss, _ = _train_loss(model, balancer, ids)
+    stats = getattr(out, "router_stats", None)
+    for tensor in list(out.router_logits or ()) + list(stats.to_tuple() if stats is not None else ()):
+        keep(tensor)  # transformers' per-layer (T, E) logits, or our (L, B, E) statistics
+    loss.backward()
+    if balancer is not None:
+        balancer.step()
+    model.zero_grad(set_to_none=True)
+    return sum(counter.ops.values()), sum(saved.values()) / 2**20
 
 
 def time_steps(model, balancer, batches, steps: int, warmup: int, device: torch.device) -> tuple[float, float | None]:
@@ -107,15 +189,8 @@ def time_steps(model, balancer, batches, steps: int, warmup: int, device: torch.
             sync()
             start, allreduce = time.perf_counter(), 0.0
         ids = batches[i % len(batches)]
-        if balancer is None:
-            out = model(input_ids=ids, labels=ids)
-            loss = out.loss
-        else:
-            out = model(input_ids=ids, labels=ids, add_balance_loss=False)
-            t0 = time.perf_counter()
-            balance, _ = balancer(out.router_stats)
-            allreduce += time.perf_counter() - t0
-            loss = out.loss + balance
+        _, loss, balancer_s = _train_loss(model, balancer, ids)
+        allreduce += balancer_s
         loss.backward()
         if balancer is not None:
             balancer.step()
@@ -138,16 +213,22 @@ def run(args: argparse.Namespace) -> list[Result]:
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=gen).to(device) for _ in range(4)]
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in _device_name(device)), None)
-    arms = [(name, impl) for impl in args.experts_implementations.split(",") for name in args.models.split(",")]
-    timings: dict[tuple[str, str], list[tuple[float, float | None, float | None]]] = {arm: [] for arm in arms}
+    compile_modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    arms = [
+        (name, impl, compiled)
+        for compiled in compile_modes
+        for impl in args.experts_implementations.split(",")
+        for name in args.models.split(",")
+    ]
+    timings: dict[tuple, list[tuple[float, float | None, float | None]]] = {arm: [] for arm in arms}
     for _ in range(args.rounds):  # arms interleaved round by round; the median round is reported
-        for name, impl in arms:
-            model, balancer = build(name, config, impl, device, dtype, state)
+        for name, impl, compiled in arms:
+            model, balancer = build(name, config, impl, device, dtype, state, compiled)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             step_s, allreduce_s = time_steps(model, balancer, batches, args.steps, args.warmup, device)
             mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-            timings[name, impl].append((step_s, allreduce_s, mem))
+            timings[name, impl, compiled].append((step_s, allreduce_s, mem))
             del model, balancer
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -155,14 +236,19 @@ def run(args: argparse.Namespace) -> list[Result]:
         profile_arm(arms[0], config, device, dtype, state, batches, args.profile)
     results = []
     tokens = args.batch * args.seq
-    for (name, impl), rounds in timings.items():
+    for (name, impl, compiled), rounds in timings.items():
         step_s, allreduce_s, mem = sorted(rounds, key=lambda r: r[0])[len(rounds) // 2]
         tps = tokens / step_s
         mfu = flops_per_token(config, args.seq) * tps / (peak * 1e12) if peak else None
         allreduce_ms = allreduce_s * 1e3 if (distributed and allreduce_s is not None) else None
+        ops = saved = None
+        if args.accounting and not compiled:  # one more, untimed step under an op counter
+            model, balancer = build(name, config, impl, device, dtype, state)
+            ops, saved = step_accounting(model, balancer, batches[0])
+            del model, balancer
         results.append(
             Result(name, impl, _device_name(device), args.dtype, args.batch, args.seq, tokens, step_s * 1e3, tps,
-                   mem, mfu, allreduce_ms)
+                   mem, mfu, allreduce_ms, compiled, ops, saved)
         )  # fmt: skip
     if distributed:
         torch.distributed.destroy_process_group()
@@ -173,7 +259,7 @@ def profile_arm(arm, config, device, dtype, state, batches, path: str) -> None:
     """torch.profiler table of 3 training steps of one arm (what limits the step), written to `path`."""
     from torch.profiler import ProfilerActivity, profile
 
-    model, balancer = build(arm[0], config, arm[1], device, dtype, state)
+    model, balancer = build(*arm[:2], device=device, dtype=dtype, config=config, state=state, compiled=arm[2])
     time_steps(model, balancer, batches, 1, 2, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -188,18 +274,28 @@ def _device_name(device: torch.device) -> str:
 
 
 def markdown_table(results: list[Result]) -> str:
-    base = {(r.experts_implementation): r.tokens_per_s for r in results if r.name == "micro"}
+    """One row per arm; ratios against QwenMoE-GB micro and transformers with the same experts and compile mode."""
+    micro = {(r.experts_implementation, r.compiled): r.tokens_per_s for r in results if r.name == "micro"}
+    hf = {(r.experts_implementation, r.compiled): r.tokens_per_s for r in results if r.name.startswith("transformers")}
     lines = [
-        "| model | experts | tokens/s | step ms | vs micro | peak GiB | MFU | all-reduce ms |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | experts | compiled | tokens/s | step ms | vs micro | vs transformers | peak GiB | MFU | "
+        "all-reduce ms | ops/step | saved MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def ratio(table: dict, r: Result) -> str:
+        base = table.get((r.experts_implementation, r.compiled))
+        return "—" if base is None else f"{r.tokens_per_s / base:.3f}"
+
+    def opt(value, fmt: str) -> str:
+        return "—" if value is None else format(value, fmt)
+
     for r in results:
-        ratio = r.tokens_per_s / base[r.experts_implementation] if r.experts_implementation in base else float("nan")
         lines.append(
-            f"| {r.name} | {r.experts_implementation} | {r.tokens_per_s:,.0f} | {r.step_ms:.1f} | {ratio:.3f} | "
-            f"{'—' if r.peak_mem_gib is None else f'{r.peak_mem_gib:.2f}'} | "
-            f"{'—' if r.mfu is None else f'{100 * r.mfu:.1f}%'} | "
-            f"{'—' if r.allreduce_ms is None else f'{r.allreduce_ms:.2f}'} |"
+            f"| {r.name} | {r.experts_implementation} | {'yes' if r.compiled else 'no'} | {r.tokens_per_s:,.0f} | "
+            f"{r.step_ms:.1f} | {ratio(micro, r)} | {ratio(hf, r)} | {opt(r.peak_mem_gib, '.2f')} | "
+            f"{'—' if r.mfu is None else f'{100 * r.mfu:.1f}%'} | {opt(r.allreduce_ms, '.2f')} | "
+            f"{opt(r.ops_per_step, ',')} | {opt(r.saved_mib, '.1f')} |"
         )
     return "\n".join(lines)
 
@@ -221,6 +317,15 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of all arms, interleaved; median reported")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="parameter and compute dtype")
     parser.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: by name)")
+    parser.add_argument(
+        "--compile", default="off", choices=["off", "on", "both"], help="torch.compile each decoder layer (all arms)"
+    )
+    parser.add_argument(
+        "--accounting",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="count the ATen ops and saved activation bytes of one step per arm (deterministic, untimed)",
+    )
     parser.add_argument("--distributed", action="store_true", help="run under torchrun: measure the all-reduce")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--profile", default=None, help="write a torch.profiler table of the first arm here")

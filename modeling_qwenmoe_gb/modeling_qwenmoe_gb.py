@@ -58,7 +58,8 @@ class RouterStats(ModelOutput):
     counts (`(L, B, E)` float32, no grad): top-k selections of each expert by the tokens of each sequence.
     prob_sums (`(L, B, E)` float32, differentiable): Σ_t p_t,i over each sequence's tokens (router probabilities).
     num_tokens (`(L, B)` float32): non-padding tokens of each sequence.
-    z_sums (`(L, B)` float32, differentiable): Σ_t logsumexp(router logits_t)² over each sequence's tokens.
+    z_sums (`(L, B)` float32, differentiable when `router_z_loss_coef > 0`): Σ_t logsumexp(router logits_t)² over
+        each sequence's tokens.
     """
 
     counts: torch.Tensor | None = None
@@ -68,26 +69,29 @@ class RouterStats(ModelOutput):
 
 
 def router_statistics(
-    router_logits: torch.Tensor, router_probs: torch.Tensor, top_k_index: torch.Tensor, token_mask: torch.Tensor
+    router_logits: torch.Tensor,
+    router_probs: torch.Tensor,
+    top_k_index: torch.Tensor,
+    token_mask: torch.Tensor,
+    z_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sequence statistics of one router from what it already computed (no second pass, O(B·E) output).
 
     router_logits (T, E), router_probs (T, E) fp32, top_k_index (T, K), token_mask (B, S) with 1 for real tokens.
-    Returns counts (B, E), prob_sums (B, E), num_tokens (B,), z_sums (B,), all fp32.
+    Returns counts (B, E), prob_sums (B, E), num_tokens (B,), z_sums (B,), all fp32. `z_grad=False` computes z_sums
+    as a metric only (no graph), so autograd keeps no fp32 copy of the (T, E) logits for a z-loss that is off.
     """
     batch, seq = token_mask.shape
     num_experts, top_k = router_probs.shape[-1], top_k_index.shape[-1]
-    mask = token_mask.reshape(-1).to(torch.float32)  # (T,)
+    mask = token_mask.to(torch.float32)  # (B, S); the model passes it as fp32 already
     with torch.no_grad():
-        seq_id = torch.arange(batch, device=mask.device).repeat_interleave(seq)  # (T,)
-        flat = (seq_id[:, None] * num_experts + top_k_index).reshape(-1)  # (T·K,)
-        weights = mask[:, None].expand(-1, top_k).reshape(-1)  # (T·K,)
-        counts = torch.zeros(batch * num_experts, device=mask.device).index_add_(0, flat, weights)
-        counts = counts.view(batch, num_experts)  # (B, E)
-    prob_sums = (router_probs * mask[:, None]).view(batch, seq, num_experts).sum(1)  # (B, E)
-    lse = torch.logsumexp(router_logits.float(), dim=-1)  # (T,)
-    z_sums = (lse.square() * mask).view(batch, seq).sum(1)  # (B,)
-    num_tokens = mask.view(batch, seq).sum(1)  # (B,)
+        weights = mask.repeat_interleave(top_k, dim=1)  # (B, S·K): each selection counts as its token does
+        counts = mask.new_zeros(batch, num_experts).scatter_add_(1, top_k_index.view(batch, seq * top_k), weights)
+    prob_sums = (router_probs.view(batch, seq, num_experts) * mask[..., None]).sum(1)  # (B, E)
+    with torch.set_grad_enabled(z_grad and torch.is_grad_enabled()):
+        lse = torch.logsumexp(router_logits.float(), dim=-1)  # (T,)
+        z_sums = (lse.square().view(batch, seq) * mask).sum(1)  # (B,)
+    num_tokens = mask.sum(1)  # (B,)
     return counts, prob_sums, num_tokens, z_sums
 
 
@@ -167,7 +171,11 @@ def group_sequences(stats: RouterStats, group_size: int | None) -> RouterStats:
     """Sum the per-sequence statistics over consecutive groups of `group_size` sequences: (L, B, ·) -> (L, G, ·).
     `None` = one group (the whole micro-batch); a last partial group is kept."""
     batch = stats.counts.shape[1]
-    size = batch if group_size is None else min(group_size, batch)
+    if group_size is None or group_size >= batch:  # one group: a plain sum
+        return RouterStats(
+            *(x.sum(1, keepdim=True) for x in (stats.counts, stats.prob_sums, stats.num_tokens, stats.z_sums))
+        )
+    size = group_size
     group_id = torch.arange(batch, device=stats.counts.device) // size  # (B,)
     num_groups = int((batch + size - 1) // size)
 
@@ -278,6 +286,7 @@ class QwenMoeGBSparseMoeBlock(nn.Module):
         super().__init__()
         self.gate = QwenMoeGBTopKRouter(config)
         self.experts = QwenMoeGBExperts(config)
+        self.config = config
         self.shared_expert = None
         if config.shared_expert_intermediate_size > 0:
             self.shared_expert = Qwen2MoeMLP(config, intermediate_size=config.shared_expert_intermediate_size)
@@ -290,7 +299,8 @@ class QwenMoeGBSparseMoeBlock(nn.Module):
         out = self.experts(flat, top_k_index, top_k_weights)  # (T, D)
         if self.shared_expert is not None:
             out = out + F.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
-        stats = router_statistics(router_logits, probs, top_k_index, token_mask)
+        z_grad = self.config.router_z_loss_coef > 0  # z-loss off: its statistic is a metric, kept out of the graph
+        stats = router_statistics(router_logits, probs, top_k_index, token_mask, z_grad)
         return out.view(batch, seq, hidden), stats  # (B, S, D)
 
 
@@ -388,10 +398,10 @@ class QwenMoeGBCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
 
 
 def token_mask_from(attention_mask: torch.Tensor | None, batch: int, seq: int, device: torch.device) -> torch.Tensor:
-    """(B, S) mask of real tokens for the router statistics; a 2-D attention mask covers past + current tokens."""
+    """(B, S) fp32 mask of real tokens for the router statistics; a 2-D attention mask covers past + current tokens."""
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
-        return attention_mask[:, -seq:].to(device)
-    return torch.ones(batch, seq, dtype=torch.long, device=device)
+        return attention_mask[:, -seq:].to(device=device, dtype=torch.float32)
+    return torch.ones(batch, seq, dtype=torch.float32, device=device)
 
 
 class QwenMoeGBModel(QwenMoeGBPreTrainedModel):

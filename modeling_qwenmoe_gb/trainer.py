@@ -143,7 +143,8 @@ class GlobalBalanceMixin:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         if model.training and torch.is_grad_enabled():
             steps = self.current_gradient_accumulation_steps
-            self._ce_sum += (loss.detach() if scaled_for_ga else loss.detach() / steps).double().cpu()
+            ce = (loss.detach() if scaled_for_ga else loss.detach() / steps).double()
+            self._ce_sum = self._ce_sum.to(ce.device) + ce  # stays on the device: no host sync per micro-step
             self._ce_steps += 1 / steps
             balance, _ = self.balancer(outputs.router_stats)
             if scaled_for_ga:

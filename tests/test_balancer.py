@@ -95,3 +95,53 @@ def test_trainer_eval_loss_is_ce_and_tensorboard_gets_the_heatmap(tmp_path):
     events.Reload()
     assert "balance/expert_load" in events.Tags()["images"]
     assert "train/balance/global_lbl" in events.Tags()["scalars"]
+
+
+def _reference_metrics(micro_steps: list, group_size: int, top_k: int) -> dict[str, torch.Tensor]:
+    """float64 per-layer metrics of one optimizer step, one micro-step at a time: micro LBL and MaxVio over groups of
+    `group_size` sequences, global LBL with the counts of micro-steps 1..m, z-loss averaged over layers."""
+    sums = {"micro_lbl": 0, "global_lbl": 0, "maxvio_micro": 0, "z_loss": 0}
+    running = 0
+    for stats in micro_steps:
+        c, p, n = stats.counts.double(), stats.prob_sums.detach().double(), stats.num_tokens.double()  # (L, B, ·)
+        running = running + c.sum(1)  # (L, E)
+        micro_lbl, maxvio = [], []
+        for start in range(0, c.shape[1], group_size):
+            gc, gp = c[:, start : start + group_size].sum(1), p[:, start : start + group_size].sum(1)
+            gn = n[:, start : start + group_size].sum(1)  # (L,)
+            f, pp = gc / gc.sum(-1, keepdim=True), gp / gn[:, None]
+            micro_lbl.append(c.shape[-1] * (f * pp).sum(-1))
+            maxvio.append((gc.amax(-1) - gc.mean(-1)) / gc.mean(-1))
+        sums["micro_lbl"] = sums["micro_lbl"] + torch.stack(micro_lbl).mean(0)
+        sums["maxvio_micro"] = sums["maxvio_micro"] + torch.stack(maxvio).mean(0)
+        f = running / running.sum(-1, keepdim=True)
+        pp = p.sum(1) / n.sum(1)[:, None]
+        sums["global_lbl"] = sums["global_lbl"] + c.shape[-1] * (f * pp).sum(-1)
+        sums["z_loss"] = sums["z_loss"] + (stats.z_sums.double().sum(1) / n.sum(1)).mean()
+    return {name: value / len(micro_steps) for name, value in sums.items()}
+
+
+@pytest.mark.parametrize("max_pending", [1, 64])
+def test_metrics_computed_in_one_batch_equal_a_float64_reference_per_micro_step(max_pending):
+    model = QwenMoeGBForCausalLM(make_config(balance_scope="global", balance_group_size=2)).train()
+    balancer = GlobalBalancer(model, max_pending=max_pending)
+    seen = []
+    for micro, batch in enumerate([4, 4, 3, 4]):  # a short micro-batch: two shapes are batched separately
+        ids = torch.randint(0, 61, (batch, 12), generator=torch.Generator().manual_seed(micro))
+        out = model(input_ids=ids, labels=ids, add_balance_loss=False)
+        (out.loss + balancer(out.router_stats)[0]).backward()
+        seen.append(out.router_stats)
+    expected = _reference_metrics(seen, group_size=2, top_k=2)
+    global_counts = balancer.step_counts.double().clone()
+    balancer.step()
+    metrics = balancer.pop_metrics()
+    for name, value in expected.items():
+        per_layer = value.reshape(-1)
+        assert metrics[f"balance/{name}"] == pytest.approx(float(per_layer.mean()), rel=1e-5), name
+        for i, v in enumerate(per_layer if len(per_layer) > 1 else []):
+            assert metrics[f"balance/{name}/layer_{i}"] == pytest.approx(float(v), rel=1e-5), (name, i)
+    maxvio_global = (global_counts.amax(-1) - global_counts.mean(-1)) / global_counts.mean(-1)
+    assert metrics["balance/maxvio_global"] == pytest.approx(float(maxvio_global.mean()), rel=1e-6)
+    load = balancer.last_step_load
+    torch.testing.assert_close(load, global_counts / global_counts.sum(-1, keepdim=True))
+    assert balancer.pop_metrics() == {} and balancer.step_counts.sum() == 0
