@@ -32,6 +32,7 @@ from .configuration_qwenmoe_gb import QwenMoeGBConfig
 from .modeling_qwenmoe_gb import QwenMoeGBForCausalLM
 from .presets import load_preset
 
+COMPILE_MODES = ("none", "layers", "model")
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
@@ -69,7 +70,7 @@ class Result:
     peak_mem_gib: float | None
     mfu: float | None
     allreduce_ms: float | None = None  # the balancer call per step (all-reduce of the counts + losses + metrics)
-    compiled: bool = False  # decoder layers under torch.compile
+    compiled: str = "none"  # torch.compile: none, layers (each decoder layer) or model (the whole model, one graph)
     ops_per_step: int | None = None  # ATen ops dispatched by forward + balance loss + backward + balancer step
     saved_mib: float | None = None  # activations saved for backward + router tensors the output keeps
 
@@ -92,10 +93,10 @@ def build(
     device: torch.device,
     dtype: torch.dtype,
     state=None,
-    compiled: bool = False,
+    compiled: str = "none",
 ):
-    """(model, balancer or None) for one benchmark arm; every arm loads the same weights. `compiled`: each decoder
-    layer goes through `torch.compile` (ours and transformers' alike)."""
+    """(model, balancer or None) for one benchmark arm; every arm loads the same weights. `compiled`: `layers` puts
+    each decoder layer through `torch.compile`, `model` the whole model (ours and transformers' alike)."""
     if name.startswith("transformers-"):
         model = reference_model(name.split("-")[1], config)
     else:
@@ -108,8 +109,12 @@ def build(
             raise ValueError(f"{name}: weights differ from QwenMoE-GB's: missing {missing}, unexpected {unexpected}")
     model.set_experts_implementation(impl)
     model.to(device=device, dtype=dtype).train()
-    if compiled:
+    if compiled == "layers":
         compile_decoder_layers(model)
+    elif compiled == "model":
+        model = torch.compile(model)
+    elif compiled != "none":
+        raise ValueError(f"compile={compiled!r} is unknown: allowed {list(COMPILE_MODES)}")
     return model, None if name.startswith("transformers-") else GlobalBalancer(model)
 
 
@@ -213,7 +218,9 @@ def run(args: argparse.Namespace) -> list[Result]:
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=gen).to(device) for _ in range(4)]
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in _device_name(device)), None)
-    compile_modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    compile_modes = args.compile.split(",")
+    if unknown := [m for m in compile_modes if m not in COMPILE_MODES]:
+        raise ValueError(f"--compile={args.compile!r} has unknown modes {unknown}: allowed {list(COMPILE_MODES)}")
     arms = [
         (name, impl, compiled)
         for compiled in compile_modes
@@ -242,7 +249,7 @@ def run(args: argparse.Namespace) -> list[Result]:
         mfu = flops_per_token(config, args.seq) * tps / (peak * 1e12) if peak else None
         allreduce_ms = allreduce_s * 1e3 if (distributed and allreduce_s is not None) else None
         ops = saved = None
-        if args.accounting and not compiled:  # one more, untimed step under an op counter
+        if args.accounting and compiled == "none":  # one more, untimed step under an op counter
             model, balancer = build(name, config, impl, device, dtype, state)
             ops, saved = step_accounting(model, balancer, batches[0])
             del model, balancer
@@ -259,7 +266,7 @@ def profile_arm(arm, config, device, dtype, state, batches, path: str) -> None:
     """torch.profiler table of 3 training steps of one arm (what limits the step), written to `path`."""
     from torch.profiler import ProfilerActivity, profile
 
-    model, balancer = build(*arm[:2], device=device, dtype=dtype, config=config, state=state, compiled=arm[2])
+    model, balancer = build(arm[0], config, arm[1], device, dtype, state, arm[2])
     time_steps(model, balancer, batches, 1, 2, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -278,13 +285,13 @@ def markdown_table(results: list[Result]) -> str:
     micro = {(r.experts_implementation, r.compiled): r.tokens_per_s for r in results if r.name == "micro"}
     hf = {(r.experts_implementation, r.compiled): r.tokens_per_s for r in results if r.name.startswith("transformers")}
     lines = [
-        "| model | experts | compiled | tokens/s | step ms | vs micro | vs transformers | peak GiB | MFU | "
-        "all-reduce ms | ops/step | saved MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | experts | compile | tokens/s | step ms | vs micro | vs transformers | vs transformers uncompiled | "
+        "peak GiB | MFU | all-reduce ms | ops/step | saved MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
-    def ratio(table: dict, r: Result) -> str:
-        base = table.get((r.experts_implementation, r.compiled))
+    def ratio(table: dict, r: Result, compiled: str | None = None) -> str:
+        base = table.get((r.experts_implementation, compiled or r.compiled))
         return "—" if base is None else f"{r.tokens_per_s / base:.3f}"
 
     def opt(value, fmt: str) -> str:
@@ -292,8 +299,9 @@ def markdown_table(results: list[Result]) -> str:
 
     for r in results:
         lines.append(
-            f"| {r.name} | {r.experts_implementation} | {'yes' if r.compiled else 'no'} | {r.tokens_per_s:,.0f} | "
-            f"{r.step_ms:.1f} | {ratio(micro, r)} | {ratio(hf, r)} | {opt(r.peak_mem_gib, '.2f')} | "
+            f"| {r.name} | {r.experts_implementation} | {r.compiled} | {r.tokens_per_s:,.0f} | "
+            f"{r.step_ms:.1f} | {ratio(micro, r)} | {ratio(hf, r)} | {ratio(hf, r, 'none')} | "
+            f"{opt(r.peak_mem_gib, '.2f')} | "
             f"{'—' if r.mfu is None else f'{100 * r.mfu:.1f}%'} | {opt(r.allreduce_ms, '.2f')} | "
             f"{opt(r.ops_per_step, ',')} | {opt(r.saved_mib, '.1f')} |"
         )
@@ -318,7 +326,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="parameter and compute dtype")
     parser.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: by name)")
     parser.add_argument(
-        "--compile", default="off", choices=["off", "on", "both"], help="torch.compile each decoder layer (all arms)"
+        "--compile", default="none", help="comma-separated torch.compile modes for every arm: none, layers, model"
     )
     parser.add_argument(
         "--accounting",

@@ -3,8 +3,10 @@
 import json
 
 import pytest
+import torch
 
-from modeling_qwenmoe_gb.benchmark import flops_per_token, main, matmul_params_per_token
+from modeling_qwenmoe_gb import QwenMoeGBForCausalLM
+from modeling_qwenmoe_gb.benchmark import build, flops_per_token, main, matmul_params_per_token, step_accounting
 
 from .conftest import tiny_config
 
@@ -39,3 +41,44 @@ def test_benchmark_runs_every_arm_and_counts_tokens(tmp_path):
                   "--models", "global,transformers-qwen3", "--experts_implementations", "eager", "--batch", "1",
                   "--seq", "8", "--steps", "1", "--warmup", "0", "--rounds", "1", "--peak_tflops", "1"])  # fmt: skip
     assert qwen3[1].name == "transformers-qwen3" and qwen3[1].mfu > 0
+
+
+def _accounting(name: str, cfg, ids, impl: str = "eager"):
+    torch.manual_seed(0)
+    state = QwenMoeGBForCausalLM(cfg).state_dict()
+    model, balancer = build(name, cfg, impl, torch.device("cpu"), torch.float32, state)
+    return step_accounting(model, balancer, ids)
+
+
+def test_saved_activations_differ_by_exactly_the_z_loss_graph():
+    # With the z-loss on, logsumexp keeps the fp32 (T, E) logits and its (T,) output per layer (+ the loss's own (L,)
+    # denominators, a few bytes); off, the z statistic is a metric outside the graph.
+    cfg = tiny_config(pad_token_id=None)
+    ids = torch.randint(0, 99, (3, 20))
+    _, off = _accounting("global", cfg, ids)
+    _, on = _accounting("global", tiny_config(pad_token_id=None, router_z_loss_coef=0.01), ids)
+    layers, tokens, experts = 2, 3 * 20, 8
+    assert (on - off) * 2**20 == pytest.approx(layers * (tokens * experts * 4 + tokens * 4), abs=8 * layers * 4)
+
+
+def test_global_scope_adds_a_few_ops_whatever_the_depth_and_keeps_less_than_transformers():
+    ids = torch.randint(0, 99, (4, 64))
+    extra = []
+    for layers in (2, 4):
+        cfg = tiny_config(
+            pad_token_id=None, use_qk_norm=True, shared_expert_intermediate_size=0, num_hidden_layers=layers
+        )
+        micro_ops, micro_mib = _accounting("micro", cfg, ids, "grouped_mm")
+        global_ops, global_mib = _accounting("global", cfg, ids, "grouped_mm")
+        assert 0 <= (global_mib - micro_mib) * 2**20 <= 16 * layers * 8  # O(L·E): the global f, never O(T)
+        extra.append(global_ops - micro_ops)
+    # the global f is one loss over the stacked (L, E) counts: a fixed handful of small ops, nothing per layer
+    assert extra[0] == extra[1] and 0 < extra[0] <= 24
+    hf_ops, hf_mib = _accounting("transformers-qwen3", cfg, ids, "grouped_mm")
+    # transformers keeps each layer's (T, E) logits for its loss and a second fp32 softmax of them
+    assert hf_mib - global_mib >= 2 * 4 * 4 * 64 * 8 * 4 / 2**20
+
+
+def test_unknown_compile_mode_is_refused():
+    with pytest.raises(ValueError, match="compile='fast' is unknown: allowed"):
+        build("micro", tiny_config(), "eager", torch.device("cpu"), torch.float32, compiled="fast")

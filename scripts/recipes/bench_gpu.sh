@@ -3,13 +3,15 @@
 set -euo pipefail
 out=${1:-bench-out}
 mkdir -p "$out"
-# 80M Qwen3-shaped model, 128 x 256 tokens, bf16: ours (micro, global, global+aux-free) vs transformers' Qwen3-MoE
+# 80M Qwen3-shaped model, 128 x 256 tokens, bf16: ours (micro, global, global+aux-free) vs transformers' Qwen3-MoE,
+# eager and whole-model torch.compile (what TrainingArguments(torch_compile=True) does) for every arm
 python scripts/benchmark.py --preset qwen3-80m-byte --dtype bf16 --batch 128 --seq 256 --steps 6 --warmup 3 \
   --models micro,global,global+auxfree,transformers-qwen3 --experts_implementations grouped_mm,eager \
-  --profile "$out/profile_80m.txt" --out "$out/bench_80m.json" | tee "$out/bench_80m.md"
+  --compile none,model --profile "$out/profile_80m.txt" --out "$out/bench_80m.json" | tee "$out/bench_80m.md"
 # long sequences: peak memory with transformers' router logits kept vs our O(L·B·E) statistics
 python scripts/benchmark.py --preset qwen3-80m-byte --dtype bf16 --batch 2 --seq 8192 --steps 3 --warmup 2 --rounds 1 \
   --models global,transformers-qwen3 --experts_implementations grouped_mm --out "$out/bench_long.json" | tee "$out/bench_long.md"
 # the paper's 3.4B-A0.6B shape: MFU
 python scripts/benchmark.py --preset qwenmoe-gb-3.4b-a0.6b --dtype bf16 --batch 16 --seq 1024 --steps 4 --warmup 2 \
-  --rounds 1 --models global --experts_implementations grouped_mm --out "$out/bench_3b.json" | tee "$out/bench_3b.md"
+  --rounds 1 --models global --experts_implementations grouped_mm --compile none,model \
+  --out "$out/bench_3b.json" | tee "$out/bench_3b.md"

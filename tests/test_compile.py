@@ -1,0 +1,37 @@
+"""torch.compile (what `TrainingArguments(torch_compile=True)` does): the whole model, router statistics and
+cross-entropy included, is one graph with no breaks, and a training step equals eager."""
+
+import copy
+
+import torch
+
+from modeling_qwenmoe_gb import QwenMoeGBForCausalLM
+from modeling_qwenmoe_gb.balance import GlobalBalancer
+
+from .conftest import tiny_config
+
+
+def _train_step(model, ids, mask):
+    out = model(input_ids=ids, attention_mask=mask, labels=ids, add_balance_loss=False)
+    loss = out.loss + GlobalBalancer(model)(out.router_stats)[0]
+    loss.backward()
+    return loss.detach(), out.router_stats
+
+
+def test_whole_model_is_one_graph_and_a_training_step_equals_eager():
+    cfg = tiny_config(balance_scope="global", router_z_loss_coef=0.01, aux_free=True)
+    eager = QwenMoeGBForCausalLM(cfg).train()
+    eager.set_experts_implementation("grouped_mm")
+    compiled = torch.compile(copy.deepcopy(eager), fullgraph=True)  # fullgraph: any graph break raises
+    ids = torch.randint(1, 99, (3, 24))
+    mask = torch.ones_like(ids)
+    mask[1, 17:] = 0  # a padded sequence: the statistics must leave its padding out in the graph too
+    loss, stats = _train_step(eager, ids, mask)
+    loss_c, stats_c = _train_step(compiled, ids, mask)
+    torch.testing.assert_close(loss_c, loss)
+    torch.testing.assert_close(stats_c.counts, stats.counts, rtol=0, atol=0)
+    torch.testing.assert_close(stats_c.prob_sums, stats.prob_sums)
+    assert stats.num_tokens[:, 1].tolist() == [17.0, 17.0]
+    params_c = dict(compiled.named_parameters())
+    for name, param in eager.named_parameters():
+        torch.testing.assert_close(params_c[f"_orig_mod.{name}"].grad, param.grad, atol=1e-5, rtol=1e-4, msg=name)
