@@ -73,6 +73,7 @@ class Result:
     compiled: str = "none"  # torch.compile: none, layers (each decoder layer) or model (the whole model, one graph)
     ops_per_step: int | None = None  # ATen ops dispatched by forward + balance loss + backward + balancer step
     saved_mib: float | None = None  # activations saved for backward + router tensors the output keeps
+    collective_us: float | None = None  # the balancer's collective alone: all-reduce of the (L, E) int64 counts
 
 
 def reference_model(kind: str, config: QwenMoeGBConfig):
@@ -184,6 +185,22 @@ def step_accounting(model, balancer, ids: torch.Tensor) -> tuple[int, float]:
     return sum(counter.ops.values()), sum(saved.values()) / 2**20
 
 
+def collective_cost_us(config: QwenMoeGBConfig, device: torch.device, iters: int = 200) -> float:
+    """Mean time (µs) of the one collective the global scope adds per micro-step: an all-reduce of the stacked (L, E)
+    int64 expert counts over the world, measured alone (ranks aligned by a barrier first)."""
+    counts = torch.ones(len(config.moe_layer_indices()), config.num_experts, dtype=torch.long, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(10):
+        torch.distributed.all_reduce(counts)
+    torch.distributed.barrier()
+    sync()
+    start = time.perf_counter()
+    for _ in range(iters):
+        torch.distributed.all_reduce(counts)
+    sync()
+    return (time.perf_counter() - start) / iters * 1e6
+
+
 def time_steps(model, balancer, batches, steps: int, warmup: int, device: torch.device) -> tuple[float, float | None]:
     """Mean step time (s) of forward + backward + SGD over `steps` after `warmup`; all-reduce time (s) if any."""
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
@@ -205,10 +222,40 @@ def time_steps(model, balancer, batches, steps: int, warmup: int, device: torch.
     return (time.perf_counter() - start) / steps, allreduce / steps
 
 
-def run(args: argparse.Namespace) -> list[Result]:
-    distributed = args.distributed
-    if distributed:
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+def _train_step(model, balancer, optimizer, ids: torch.Tensor) -> None:
+    _, loss, _ = _train_loss(model, balancer, ids)
+    loss.backward()
+    if balancer is not None:
+        balancer.step()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def paired_ratio(arms: tuple, config, impl, device, dtype, state, batches, steps: int, warmup: int) -> dict:
+    """Step time of arm B over arm A measured in pairs: both models live side by side and their steps alternate (order
+    flipped every pair), so drift of the machine cancels. Returns the median of the per-pair ratios B/A, its
+    interquartile range and the number of pairs."""
+    built = [build(name, config, impl, device, dtype, state) for name in arms]
+    optimizers = [torch.optim.SGD(model.parameters(), lr=1e-4) for model, _ in built]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    ratios = []
+    for i in range(warmup + steps):
+        ids, times = batches[i % len(batches)], [0.0, 0.0]
+        for j in (0, 1) if i % 2 == 0 else (1, 0):
+            sync()
+            start = time.perf_counter()
+            _train_step(*built[j], optimizers[j], ids)
+            sync()
+            times[j] = time.perf_counter() - start
+        if i >= warmup:
+            ratios.append(times[1] / times[0])
+    q = torch.tensor(ratios, dtype=torch.float64).quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+    return {"arms": list(arms), "experts_implementation": impl, "ratio": float(q[1]), "iqr": [float(q[0]),
+            float(q[2])], "pairs": len(ratios)}  # fmt: skip
+
+
+def _setup(args: argparse.Namespace):
+    """(device, dtype, config, initial state dict, 4 batches of token ids) shared by every arm."""
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     overrides = json.loads(args.config_overrides) if args.config_overrides else {}
@@ -217,6 +264,26 @@ def run(args: argparse.Namespace) -> list[Result]:
     state = QwenMoeGBForCausalLM(config).state_dict()
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=gen).to(device) for _ in range(4)]
+    return device, dtype, config, state, batches
+
+
+def run_paired(args: argparse.Namespace) -> list[dict]:
+    """`--paired A,B` for each experts implementation: see `paired_ratio`."""
+    device, dtype, config, state, batches = _setup(args)
+    arms = tuple(args.paired.split(","))
+    if len(arms) != 2:
+        raise ValueError(f"--paired={args.paired!r} names {len(arms)} arms: allowed exactly two, e.g. micro,global")
+    return [
+        paired_ratio(arms, config, impl, device, dtype, state, batches, args.paired_steps, args.warmup)
+        for impl in args.experts_implementations.split(",")
+    ]
+
+
+def run(args: argparse.Namespace) -> list[Result]:
+    distributed = args.distributed
+    if distributed:
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device, dtype, config, state, batches = _setup(args)
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in _device_name(device)), None)
     compile_modes = args.compile.split(",")
     if unknown := [m for m in compile_modes if m not in COMPILE_MODES]:
@@ -258,6 +325,9 @@ def run(args: argparse.Namespace) -> list[Result]:
                    mem, mfu, allreduce_ms, compiled, ops, saved)
         )  # fmt: skip
     if distributed:
+        collective = collective_cost_us(config, device)
+        for r in results:
+            r.collective_us = collective
         torch.distributed.destroy_process_group()
     return results
 
@@ -337,12 +407,23 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--distributed", action="store_true", help="run under torchrun: measure the all-reduce")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--profile", default=None, help="write a torch.profiler table of the first arm here")
+    parser.add_argument("--paired", default=None, help="two arms, e.g. micro,global: step-time ratio in pairs")
+    parser.add_argument("--paired_steps", type=int, default=100, help="timed pairs of --paired")
     args = parser.parse_args(argv)  # fmt: skip
-    results = run(args)
+    results = run(args) if args.models else []
+    paired = run_paired(args) if args.paired and not args.distributed else []
     if int(os.environ.get("RANK", "0")) == 0:
-        print(markdown_table(results))
+        if results:
+            print(markdown_table(results))
+        if results and results[0].collective_us is not None:
+            world = os.environ.get("WORLD_SIZE", "?")
+            print(f"all-reduce of the (L, E) int64 counts alone, {world} processes: {results[0].collective_us:.1f} µs")
+        for p in paired:
+            low, high = p["iqr"]
+            print(f"paired {p['arms'][1]} / {p['arms'][0]} step time ({p['experts_implementation']}, {p['pairs']} "
+                  f"pairs): median {p['ratio']:.4f}, interquartile range {low:.4f}-{high:.4f}")  # fmt: skip
         if args.out:
             meta = {"torch": torch.__version__, "transformers": transformers.__version__, "args": vars(args)}
             with open(args.out, "w") as f:
-                json.dump({"meta": meta, "results": [asdict(r) for r in results]}, f, indent=2)
+                json.dump({"meta": meta, "results": [asdict(r) for r in results], "paired": paired}, f, indent=2)
     return results

@@ -82,3 +82,19 @@ def test_global_scope_adds_a_few_ops_whatever_the_depth_and_keeps_less_than_tran
 def test_unknown_compile_mode_is_refused():
     with pytest.raises(ValueError, match="compile='fast' is unknown: allowed"):
         build("micro", tiny_config(), "eager", torch.device("cpu"), torch.float32, compiled="fast")
+
+
+def test_paired_ratio_alternates_two_arms_and_reports_the_median(tmp_path):
+    out = tmp_path / "paired.json"
+    results = main([
+        "--preset", "tiny", "--models", "", "--paired", "micro,global", "--paired_steps", "3", "--warmup", "1",
+        "--experts_implementations", "eager,grouped_mm", "--batch", "2", "--seq", "16", "--out", str(out),
+    ])  # fmt: skip
+    assert results == []
+    paired = json.loads(out.read_text())["paired"]
+    assert [p["experts_implementation"] for p in paired] == ["eager", "grouped_mm"]
+    for p in paired:
+        assert p["arms"] == ["micro", "global"] and p["pairs"] == 3
+        assert 0 < p["iqr"][0] <= p["ratio"] <= p["iqr"][1]
+    with pytest.raises(ValueError, match="--paired='micro' names 1 arms: allowed exactly two"):
+        main(["--preset", "tiny", "--models", "", "--paired", "micro"])
