@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import time
+import weakref
 from collections import Counter
 from dataclasses import asdict, dataclass
 
@@ -165,12 +166,12 @@ def step_accounting(model, balancer, ids: torch.Tensor) -> tuple[int, float]:
     model.zero_grad(set_to_none=True)
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
+    saved: dict[int, tuple[int, weakref.ref]] = {}  # storage address -> (bytes, the tensor the graph holds)
 
     def keep(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
+            saved[storage.data_ptr()] = (storage.nbytes(), weakref.ref(t))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
@@ -178,11 +179,13 @@ def step_accounting(model, balancer, ids: torch.Tensor) -> tuple[int, float]:
     stats = getattr(out, "router_stats", None)
     for tensor in list(out.router_logits or ()) + list(stats.to_tuple() if stats is not None else ()):
         keep(tensor)  # transformers' per-layer (T, E) logits, or our (L, B, E) statistics
+    # only what is still alive when backward starts: tensors of graph branches freed during the forward are gone
+    saved_bytes = sum(nbytes for nbytes, ref in saved.values() if ref() is not None)
     loss.backward()
     if balancer is not None:
         balancer.step()
     model.zero_grad(set_to_none=True)
-    return sum(counter.ops.values()), sum(saved.values()) / 2**20
+    return sum(counter.ops.values()), saved_bytes / 2**20
 
 
 def collective_cost_us(config: QwenMoeGBConfig, device: torch.device, iters: int = 200) -> float:

@@ -75,8 +75,10 @@ def test_global_scope_adds_a_few_ops_whatever_the_depth_and_keeps_less_than_tran
     # the global f is one loss over the stacked (L, E) counts: a fixed handful of small ops, nothing per layer
     assert extra[0] == extra[1] and 0 < extra[0] <= 24
     hf_ops, hf_mib = _accounting("transformers-qwen3", cfg, ids, "grouped_mm")
-    # transformers keeps each layer's (T, E) logits for its loss and a second fp32 softmax of them
-    assert hf_mib - global_mib >= 2 * 4 * 4 * 64 * 8 * 4 / 2**20
+    # transformers keeps each layer's (T, E) logits for its loss and a second fp32 softmax of them: about two more
+    # (L, T, E) fp32 sets than ours (ours keeps a few (L, T) and (L, B, E) tensors transformers does not)
+    one_set = 4 * 4 * 64 * 8 * 4 / 2**20  # L · T · E fp32
+    assert hf_mib - global_mib >= 1.5 * one_set
 
 
 def test_unknown_compile_mode_is_refused():
