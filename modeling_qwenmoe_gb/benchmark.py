@@ -4,7 +4,8 @@ with their own aux loss, on the identical config and weights; eager and grouped_
     python scripts/benchmark.py --preset demo --batch 8 --seq 256 --steps 10 --out bench.json
     torchrun --nproc_per_node 2 scripts/benchmark.py --distributed ...   # all-reduce cost with 2 processes
 
-Measures tokens/s, step time (forward + backward + SGD step), peak memory and MFU. FLOPs per token (training,
+Measures tokens/s, step time (forward + backward + SGD step), peak memory (CUDA: the allocator's peak; CPU: the peak of
+live tensors from torch's MemTracker), ops per step, activations saved for backward, and MFU. FLOPs per token (training,
 forward + backward = 3 × forward), with N_active the parameters a token multiplies by (attention projections, the
 router, the K routed experts, the shared expert, the LM head; no embedding lookup or norms):
 
@@ -188,6 +189,26 @@ def step_accounting(model, balancer, ids: torch.Tensor) -> tuple[int, float]:
     return sum(counter.ops.values()), saved_bytes / 2**20
 
 
+def tracked_peak_gib(model, balancer, ids: torch.Tensor) -> float | None:
+    """Peak of the live tensors (parameters, gradients, activations) over one forward + backward, from torch's own
+    `MemTracker` (tensor lifetimes, any device): the CPU stand-in for `torch.cuda.max_memory_allocated`. None where
+    this torch has no MemTracker."""
+    try:
+        from torch.distributed._tools.mem_tracker import MemTracker
+    except ImportError:
+        return None
+    tracker = MemTracker()
+    tracker.track_external(model)
+    with tracker:
+        _, loss, _ = _train_loss(model, balancer, ids)
+        loss.backward()
+    if balancer is not None:
+        balancer.step()
+    model.zero_grad(set_to_none=True)
+    peak = tracker.get_tracker_snapshot("peak")
+    return sum(v["Total"] for v in peak.values()) / 2**30
+
+
 def collective_cost_us(config: QwenMoeGBConfig, device: torch.device, iters: int = 200) -> float:
     """Mean time (µs) of the one collective the global scope adds per micro-step: an all-reduce of the stacked (L, E)
     int64 expert counts over the world, measured alone (ranks aligned by a barrier first)."""
@@ -322,6 +343,8 @@ def run(args: argparse.Namespace) -> list[Result]:
         if args.accounting and compiled == "none":  # one more, untimed step under an op counter
             model, balancer = build(name, config, impl, device, dtype, state)
             ops, saved = step_accounting(model, balancer, batches[0])
+            if device.type == "cpu":  # no allocator peak on a CPU: the peak of live tensors instead
+                mem = tracked_peak_gib(model, balancer, batches[0])
             del model, balancer
         results.append(
             Result(name, impl, _device_name(device), args.dtype, args.batch, args.seq, tokens, step_s * 1e3, tps,

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from modeling_qwenmoe_gb import QwenMoeGBForCausalLM
-from modeling_qwenmoe_gb.benchmark import build, flops_per_token, main, matmul_params_per_token, step_accounting
+from modeling_qwenmoe_gb.benchmark import (
+    build,
+    flops_per_token,
+    main,
+    matmul_params_per_token,
+    step_accounting,
+    tracked_peak_gib,
+)
 
 from .conftest import tiny_config
 
@@ -100,3 +107,16 @@ def test_paired_ratio_alternates_two_arms_and_reports_the_median(tmp_path):
         assert 0 < p["iqr"][0] <= p["ratio"] <= p["iqr"][1]
     with pytest.raises(ValueError, match="--paired='micro' names 1 arms: allowed exactly two"):
         main(["--preset", "tiny", "--models", "", "--paired", "micro"])
+
+
+def test_tracked_peak_holds_the_parameters_and_every_saved_activation():
+    cfg = tiny_config(pad_token_id=None)
+    ids = torch.randint(0, 99, (4, 32))
+    torch.manual_seed(0)
+    model, balancer = build("global", cfg, "grouped_mm", torch.device("cpu"), torch.float32)
+    _, saved_mib = step_accounting(model, balancer, ids)
+    peak_gib = tracked_peak_gib(model, balancer, ids)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    # torch's tracker and our saved-tensor count are independent: at the end of the forward both sets are alive
+    assert peak_gib * 2**30 >= param_bytes + saved_mib * 2**20
+    assert peak_gib * 2**30 <= 4 * param_bytes + 4 * saved_mib * 2**20  # and nothing far beyond them
