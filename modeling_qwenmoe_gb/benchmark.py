@@ -397,7 +397,7 @@ def markdown_table(results: list[Result]) -> str:
         lines.append(
             f"| {r.name} | {r.experts_implementation} | {r.compiled} | {r.tokens_per_s:,.0f} | "
             f"{r.step_ms:.1f} | {ratio(micro, r)} | {ratio(hf, r)} | {ratio(hf, r, 'none')} | "
-            f"{opt(r.peak_mem_gib, '.2f')} | "
+            f"{opt(r.peak_mem_gib, '.3f')} | "
             f"{'—' if r.mfu is None else f'{100 * r.mfu:.1f}%'} | {opt(r.allreduce_ms, '.2f')} | "
             f"{opt(r.ops_per_step, ',')} | {opt(r.saved_mib, '.1f')} |"
         )
