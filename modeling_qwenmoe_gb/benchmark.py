@@ -255,11 +255,13 @@ def _train_step(model, balancer, optimizer, ids: torch.Tensor) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def paired_ratio(arms: tuple, config, impl, device, dtype, state, batches, steps: int, warmup: int) -> dict:
+def paired_ratio(
+    arms: tuple, config, impl, device, dtype, state, batches, steps: int, warmup: int, compiled: str = "none"
+) -> dict:
     """Step time of arm B over arm A measured in pairs: both models live side by side and their steps alternate (order
     flipped every pair), so drift of the machine cancels. Returns the median of the per-pair ratios B/A, its
     interquartile range and the number of pairs."""
-    built = [build(name, config, impl, device, dtype, state) for name in arms]
+    built = [build(name, config, impl, device, dtype, state, compiled) for name in arms]
     optimizers = [torch.optim.SGD(model.parameters(), lr=1e-4) for model, _ in built]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     ratios = []
@@ -274,8 +276,8 @@ def paired_ratio(arms: tuple, config, impl, device, dtype, state, batches, steps
         if i >= warmup:
             ratios.append(times[1] / times[0])
     q = torch.tensor(ratios, dtype=torch.float64).quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
-    return {"arms": list(arms), "experts_implementation": impl, "ratio": float(q[1]), "iqr": [float(q[0]),
-            float(q[2])], "pairs": len(ratios)}  # fmt: skip
+    return {"arms": list(arms), "experts_implementation": impl, "compile": compiled, "ratio": float(q[1]),
+            "iqr": [float(q[0]), float(q[2])], "pairs": len(ratios)}  # fmt: skip
 
 
 def _setup(args: argparse.Namespace):
@@ -298,7 +300,8 @@ def run_paired(args: argparse.Namespace) -> list[dict]:
     if len(arms) != 2:
         raise ValueError(f"--paired={args.paired!r} names {len(arms)} arms: allowed exactly two, e.g. micro,global")
     return [
-        paired_ratio(arms, config, impl, device, dtype, state, batches, args.paired_steps, args.warmup)
+        paired_ratio(arms, config, impl, device, dtype, state, batches, args.paired_steps, args.warmup, compiled)
+        for compiled in args.compile.split(",")
         for impl in args.experts_implementations.split(",")
     ]
 
@@ -446,8 +449,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
             print(f"all-reduce of the (L, E) int64 counts alone, {world} processes: {results[0].collective_us:.1f} µs")
         for p in paired:
             low, high = p["iqr"]
-            print(f"paired {p['arms'][1]} / {p['arms'][0]} step time ({p['experts_implementation']}, {p['pairs']} "
-                  f"pairs): median {p['ratio']:.4f}, interquartile range {low:.4f}-{high:.4f}")  # fmt: skip
+            print(f"paired {p['arms'][1]} / {p['arms'][0]} step time ({p['experts_implementation']}, compile "
+                  f"{p['compile']}, {p['pairs']} pairs): median {p['ratio']:.4f}, interquartile range "
+                  f"{low:.4f}-{high:.4f}")  # fmt: skip
         if args.out:
             meta = {"torch": torch.__version__, "transformers": transformers.__version__, "args": vars(args)}
             with open(args.out, "w") as f:

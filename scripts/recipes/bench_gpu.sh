@@ -8,6 +8,10 @@ mkdir -p "$out"
 python scripts/benchmark.py --preset qwen3-80m-byte --dtype bf16 --batch 128 --seq 256 --steps 6 --warmup 3 \
   --models micro,global,global+auxfree,transformers-qwen3 --experts_implementations grouped_mm,eager \
   --compile none,model --profile "$out/profile_80m.txt" --out "$out/bench_80m.json" | tee "$out/bench_80m.md"
+# global vs micro step time in alternating pairs (drift cancels), eager and compiled
+python scripts/benchmark.py --preset qwen3-80m-byte --dtype bf16 --batch 128 --seq 256 --models "" \
+  --paired micro,global --paired_steps 100 --warmup 5 --experts_implementations grouped_mm --compile none,model \
+  --out "$out/bench_paired.json" | tee "$out/bench_paired.md"
 # long sequences: peak memory with transformers' router logits kept vs our O(L·B·E) statistics
 python scripts/benchmark.py --preset qwen3-80m-byte --dtype bf16 --batch 2 --seq 8192 --steps 3 --warmup 2 --rounds 1 \
   --models global,transformers-qwen3 --experts_implementations grouped_mm --out "$out/bench_long.json" | tee "$out/bench_long.md"
