@@ -86,7 +86,7 @@ class GlobalBalanceMixin:
         self.balancer = GlobalBalancer(self.model, sync_group_size=balance_sync_group_size, bias_update=bias_update)
         self.add_callback(BalanceCallback(self.balancer))
         self.train_batch_sampler = train_batch_sampler
-        self._ce_sum, self._ce_steps = torch.zeros((), dtype=torch.float64), 0
+        self._ce_sum, self._ce_steps = 0.0, 0  # the sum becomes a tensor on the loss's device at the first micro-step
 
     def get_train_dataloader(self) -> DataLoader:
         if self.train_batch_sampler is None:
@@ -144,7 +144,7 @@ class GlobalBalanceMixin:
         if model.training and torch.is_grad_enabled():
             steps = self.current_gradient_accumulation_steps
             ce = (loss.detach() if scaled_for_ga else loss.detach() / steps).double()
-            self._ce_sum = self._ce_sum.to(ce.device) + ce  # stays on the device: no host sync per micro-step
+            self._ce_sum = self._ce_sum + ce  # stays on the device: no host sync per micro-step
             self._ce_steps += 1 / steps
             balance, _ = self.balancer(outputs.router_stats)
             if scaled_for_ga:
@@ -157,7 +157,7 @@ class GlobalBalanceMixin:
             if self._ce_steps:
                 ce = self._ce_sum.to(self.args.device) / round(self._ce_steps)
                 logs["ce_loss"] = float(self.accelerator.reduce(ce, reduction="mean"))
-                self._ce_sum, self._ce_steps = torch.zeros((), dtype=torch.float64), 0
+                self._ce_sum, self._ce_steps = 0.0, 0
             logs.update(self.balancer.pop_metrics())
             self._log_expert_load_image()
         super().log(logs, start_time)
