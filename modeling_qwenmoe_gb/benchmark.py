@@ -210,8 +210,8 @@ def tracked_peak_gib(model, balancer, ids: torch.Tensor) -> float | None:
 
 
 def collective_cost_us(config: QwenMoeGBConfig, device: torch.device, iters: int = 200) -> float:
-    """Mean time (µs) of the one collective the global scope adds per micro-step: an all-reduce of the stacked (L, E)
-    int64 expert counts over the world, measured alone (ranks aligned by a barrier first)."""
+    """Mean time (µs) of the balancer's one collective per micro-step: an all-reduce of the stacked (L, E) int64 expert
+    counts over the world, measured alone (ranks aligned by a barrier first)."""
     counts = torch.ones(len(config.moe_layer_indices()), config.num_experts, dtype=torch.long, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(10):
