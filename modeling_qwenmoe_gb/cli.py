@@ -1,9 +1,10 @@
-"""`qwenmoe-gb`: pretrain, evaluate, analyze, compare and push QwenMoE-GB models.
+"""`qwenmoe-gb`: pretrain, evaluate, analyze, compare, benchmark and push QwenMoE-GB models.
 
     qwenmoe-gb pretrain [TrainingArguments flags] [model flags] [data flags]   # train → evaluate → analyze → card
     qwenmoe-gb evaluate --model DIR [data flags]                               # per-domain perplexity
     qwenmoe-gb analyze  --model DIR [data flags]                               # expert specialization + plots
     qwenmoe-gb compare  [compare flags]                                        # micro vs global arms (reproduction)
+    qwenmoe-gb bench    [benchmark flags]                                      # = scripts/benchmark.py
     qwenmoe-gb push     --model DIR --repo_id USER/NAME                        # upload weights, code and card
 
 `pretrain` with no flags trains the `demo` preset with global-batch balance on the embedded synthetic corpus (4
@@ -277,11 +278,18 @@ def compare_cmd(argv: list[str]):
     return compare(argv)
 
 
+def bench_cmd(argv: list[str]):
+    from .benchmark import main as benchmark
+
+    return benchmark(argv)
+
+
 COMMANDS = {
     "pretrain": pretrain,
     "evaluate": evaluate_cmd,
     "analyze": analyze_cmd,
     "compare": compare_cmd,
+    "bench": bench_cmd,
     "push": push_cmd,
 }
 

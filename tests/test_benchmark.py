@@ -120,3 +120,15 @@ def test_tracked_peak_holds_the_parameters_and_every_saved_activation():
     # torch's tracker and our saved-tensor count are independent: at the end of the forward both sets are alive
     assert peak_gib * 2**30 >= param_bytes + saved_mib * 2**20
     assert peak_gib * 2**30 <= 4 * param_bytes + 4 * saved_mib * 2**20  # and nothing far beyond them
+
+
+def test_cli_bench_is_the_benchmark(tmp_path):
+    from modeling_qwenmoe_gb.cli import main as cli
+
+    out = tmp_path / "cli.json"
+    cli([
+        "bench", "--preset", "tiny", "--models", "global", "--experts_implementations", "eager", "--batch", "1",
+        "--seq", "8", "--steps", "1", "--warmup", "0", "--rounds", "1", "--no-accounting", "--out", str(out),
+    ])  # fmt: skip
+    saved = json.loads(out.read_text())
+    assert [r["name"] for r in saved["results"]] == ["global"] and saved["results"][0]["tokens_per_step"] == 8
