@@ -439,8 +439,10 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--paired", default=None, help="two arms, e.g. micro,global: step-time ratio in pairs")
     parser.add_argument("--paired_steps", type=int, default=100, help="timed pairs of --paired")
     args = parser.parse_args(argv)  # fmt: skip
+    if args.paired and args.distributed:
+        raise ValueError(f"--paired={args.paired!r} with --distributed: allowed in one process only")
     results = run(args) if args.models else []
-    paired = run_paired(args) if args.paired and not args.distributed else []
+    paired = run_paired(args) if args.paired else []
     if int(os.environ.get("RANK", "0")) == 0:
         if results:
             print(markdown_table(results))

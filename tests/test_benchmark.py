@@ -107,6 +107,8 @@ def test_paired_ratio_alternates_two_arms_and_reports_the_median(tmp_path):
         assert 0 < p["iqr"][0] <= p["ratio"] <= p["iqr"][1]
     with pytest.raises(ValueError, match="--paired='micro' names 1 arms: allowed exactly two"):
         main(["--preset", "tiny", "--models", "", "--paired", "micro"])
+    with pytest.raises(ValueError, match="with --distributed: allowed in one process only"):
+        main(["--preset", "tiny", "--models", "", "--paired", "micro,global", "--distributed"])
 
 
 def test_tracked_peak_holds_the_parameters_and_every_saved_activation():
