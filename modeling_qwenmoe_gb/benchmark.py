@@ -141,6 +141,18 @@ def _train_loss(model, balancer, ids: torch.Tensor):
     return out, out.loss + balance, time.perf_counter() - start
 
 
+def _backward_and_step(model, balancer, loss: torch.Tensor) -> None:
+    """Backward, then the balancer's optimizer-step work (aux-free update, buffer reset)."""
+    loss.backward()
+    if balancer is not None:
+        balancer.step()
+
+
+def _synchronizer(device: torch.device):
+    """Waits for the device's queued work before a clock is read (a no-op on CPU)."""
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
 class _OpCounter(TorchDispatchMode):
     """Counts the ATen ops that reach the kernels (after autograd and decompositions): on a GPU, ≈ kernel launches."""
 
@@ -161,9 +173,7 @@ def step_accounting(model, balancer, ids: torch.Tensor) -> tuple[int, float]:
     counter = _OpCounter()
     with counter:
         _, loss, _ = _train_loss(model, balancer, ids)
-        loss.backward()
-        if balancer is not None:
-            balancer.step()
+        _backward_and_step(model, balancer, loss)
     model.zero_grad(set_to_none=True)
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -182,9 +192,7 @@ def step_accounting(model, balancer, ids: torch.Tensor) -> tuple[int, float]:
         keep(tensor)  # transformers' per-layer (T, E) logits, or our (L, B, E) statistics
     # only what is still alive when backward starts: tensors of graph branches freed during the forward are gone
     saved_bytes = sum(nbytes for nbytes, ref in saved.values() if ref() is not None)
-    loss.backward()
-    if balancer is not None:
-        balancer.step()
+    _backward_and_step(model, balancer, loss)
     model.zero_grad(set_to_none=True)
     return sum(counter.ops.values()), saved_bytes / 2**20
 
@@ -213,7 +221,7 @@ def collective_cost_us(config: QwenMoeGBConfig, device: torch.device, iters: int
     """Mean time (µs) of the balancer's one collective per micro-step: an all-reduce of the stacked (L, E) int64 expert
     counts over the world, measured alone (ranks aligned by a barrier first)."""
     counts = torch.ones(len(config.moe_layer_indices()), config.num_experts, dtype=torch.long, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = _synchronizer(device)
     for _ in range(10):
         torch.distributed.all_reduce(counts)
     torch.distributed.barrier()
@@ -228,31 +236,24 @@ def collective_cost_us(config: QwenMoeGBConfig, device: torch.device, iters: int
 def time_steps(model, balancer, batches, steps: int, warmup: int, device: torch.device) -> tuple[float, float | None]:
     """Mean step time (s) of forward + backward + SGD over `steps` after `warmup`; all-reduce time (s) if any."""
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = _synchronizer(device)
     allreduce = 0.0
     for i in range(warmup + steps):
         if i == warmup:
             sync()
             start, allreduce = time.perf_counter(), 0.0
-        ids = batches[i % len(batches)]
-        _, loss, balancer_s = _train_loss(model, balancer, ids)
-        allreduce += balancer_s
-        loss.backward()
-        if balancer is not None:
-            balancer.step()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        allreduce += _train_step(model, balancer, optimizer, batches[i % len(batches)])
     sync()
     return (time.perf_counter() - start) / steps, allreduce / steps
 
 
-def _train_step(model, balancer, optimizer, ids: torch.Tensor) -> None:
-    _, loss, _ = _train_loss(model, balancer, ids)
-    loss.backward()
-    if balancer is not None:
-        balancer.step()
+def _train_step(model, balancer, optimizer, ids: torch.Tensor) -> float:
+    """One full training step (forward, balance loss, backward, balancer step, SGD); seconds in the balancer call."""
+    _, loss, balancer_s = _train_loss(model, balancer, ids)
+    _backward_and_step(model, balancer, loss)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return balancer_s
 
 
 def paired_ratio(
@@ -263,7 +264,7 @@ def paired_ratio(
     interquartile range and the number of pairs."""
     built = [build(name, config, impl, device, dtype, state, compiled) for name in arms]
     optimizers = [torch.optim.SGD(model.parameters(), lr=1e-4) for model, _ in built]
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = _synchronizer(device)
     ratios = []
     for i in range(warmup + steps):
         ids, times = batches[i % len(batches)], [0.0, 0.0]
