@@ -13,12 +13,14 @@ Features
   works in any loop; the global scope is added by the trainer (`modeling_qwenmoe_gb.balance`).
 
 Shape legend: B batch, S sequence, T = B·S tokens, D hidden, E experts, K top-k, L MoE layers, G sequence groups.
+- Native transformers conventions: the KV cache under the installed version's name (`cache` from transformers 5.24,
+  `past_key_values` before; both accepted), `return_dict=False`, tensor / pipeline / FSDP plans for the head,
+  full-graph compile (static-cache generation), output classes with real (not string) annotations.
+
 This file imports only the standard library, torch, transformers and `.configuration_qwenmoe_gb`.
 """
 
-from __future__ import annotations
-
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -44,9 +46,23 @@ from transformers.models.qwen2_moe.modeling_qwen2_moe import (
 )
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeAttention
 from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_qwenmoe_gb import QwenMoeGBConfig
+
+# transformers 5.24 renamed the KV-cache argument and output field `past_key_values` -> `cache` (the old name warns and
+# goes away in 5.40); earlier versions know only `past_key_values`. Every call into transformers uses the installed
+# version's name; our forwards accept both.
+CACHE_ARG = "cache" if "cache" in {f.name for f in fields(MoeModelOutputWithPast)} else "past_key_values"
+
+
+def _pop_cache(cache: Cache | None, kwargs: dict) -> Cache | None:
+    """The cache given under either name (`cache` or the pre-5.24 `past_key_values`), removed from `kwargs`."""
+    old = kwargs.pop("past_key_values", None)
+    if cache is not None and old is not None:
+        raise ValueError("cache and past_key_values are both given: pass the KV cache once, as `cache`")
+    return old if cache is None else cache
 
 # --------------------------------------------------------------------------------------------- balance functions
 
@@ -325,19 +341,20 @@ class QwenMoeGBDecoderLayer(GradientCheckpointingLayer):
         token_mask: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
-    ):
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        cache = _pop_cache(cache, kwargs)
         residual = hidden_states
         hidden_states, _ = self.self_attn(
             hidden_states=self.input_layernorm(hidden_states),
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
             position_embeddings=position_embeddings,
+            **{CACHE_ARG: cache},
             **kwargs,
         )
         hidden_states = residual + hidden_states
@@ -357,10 +374,11 @@ class QwenMoeGBPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["QwenMoeGBDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_ARG]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
+    _can_compile_fullgraph = True  # one graph, router statistics included (tests/test_compile.py)
     _supports_attention_backend = True
     _can_record_outputs = {
         "router_logits": OutputRecorder(QwenMoeGBTopKRouter, index=0),
@@ -432,20 +450,21 @@ class QwenMoeGBModel(QwenMoeGBPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
     ) -> QwenMoeGBModelOutputWithPast:
+        cache = _pop_cache(cache, kwargs)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if position_ids is None:
-            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[None]
         batch, seq = inputs_embeds.shape[:2]
         token_mask = token_mask_from(attention_mask, batch, seq, inputs_embeds.device)
@@ -454,7 +473,7 @@ class QwenMoeGBModel(QwenMoeGBPreTrainedModel):
                 "config": self.config,
                 "inputs_embeds": inputs_embeds,
                 "attention_mask": attention_mask,
-                "past_key_values": past_key_values,
+                CACHE_ARG: cache,
                 "position_ids": position_ids,
             }
             mask_mapping = {
@@ -470,9 +489,9 @@ class QwenMoeGBModel(QwenMoeGBPreTrainedModel):
                 token_mask,
                 attention_mask=mask_mapping[self.config.layer_types[i]],
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
+                **{CACHE_ARG: cache},  # the name GradientCheckpointingLayer clears under checkpointing
                 **kwargs,
             )
             if stats is not None:
@@ -482,13 +501,16 @@ class QwenMoeGBModel(QwenMoeGBPreTrainedModel):
             router_stats = RouterStats(*(torch.stack(x) for x in zip(*layer_stats)))  # (L, B, E) / (L, B)
         return QwenMoeGBModelOutputWithPast(
             last_hidden_state=self.norm(hidden_states),
-            past_key_values=past_key_values if use_cache else None,
             router_stats=router_stats,
+            **{CACHE_ARG: cache if use_cache else None},
         )
 
 
 class QwenMoeGBForCausalLM(QwenMoeGBPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+    _fsdp_plan = {"lm_head": "keep_full_weight"}
 
     def __init__(self, config: QwenMoeGBConfig):
         super().__init__(config)
@@ -497,12 +519,13 @@ class QwenMoeGBForCausalLM(QwenMoeGBPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -514,14 +537,15 @@ class QwenMoeGBForCausalLM(QwenMoeGBPreTrainedModel, GenerationMixin):
         r"""Causal LM forward. With `labels`, `loss` = CE (+ the micro-scope balance losses when `add_balance_loss`,
         which defaults to `self.training`); `aux_loss` is the expert-level LBL (1.0 at balance) and `router_stats`
         carries the statistics a trainer needs for the global scope. A trainer that adds the balance loss itself
-        passes `add_balance_loss=False`."""
+        passes `add_balance_loss=False`. `return_dict=False` returns the output as a tuple."""
+        cache = _pop_cache(cache, kwargs)
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         outputs: QwenMoeGBModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
@@ -545,12 +569,12 @@ class QwenMoeGBForCausalLM(QwenMoeGBPreTrainedModel, GenerationMixin):
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
             router_stats=outputs.router_stats,
             balance_loss=balance,
+            **{CACHE_ARG: getattr(outputs, CACHE_ARG)},
         )
 
 
