@@ -64,6 +64,7 @@ def _pop_cache(cache: Cache | None, kwargs: dict) -> Cache | None:
         raise ValueError("cache and past_key_values are both given: pass the KV cache once, as `cache`")
     return old if cache is None else cache
 
+
 # --------------------------------------------------------------------------------------------- balance functions
 
 
@@ -535,7 +536,8 @@ class QwenMoeGBForCausalLM(QwenMoeGBPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> QwenMoeGBCausalLMOutputWithPast:
         r"""Causal LM forward. With `labels`, `loss` = CE (+ the micro-scope balance losses when `add_balance_loss`,
-        which defaults to `self.training`); `aux_loss` is the expert-level LBL (1.0 at balance) and `router_stats`
+        which defaults to `self.training`); `aux_loss` is the expert-level LBL (1.0 at balance; with labels or
+        `output_router_logits`, as in transformers) and `router_stats`
         carries the statistics a trainer needs for the global scope. A trainer that adds the balance loss itself
         passes `add_balance_loss=False`. `return_dict=False` returns the output as a tuple."""
         cache = _pop_cache(cache, kwargs)
@@ -555,8 +557,8 @@ class QwenMoeGBForCausalLM(QwenMoeGBPreTrainedModel, GenerationMixin):
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, slice_indices, :])  # (B, S, V)
 
-        aux_loss = balance = None
-        if outputs.router_stats is not None:
+        aux_loss = balance = None  # as in transformers: computed for a loss, or on request (output_router_logits)
+        if outputs.router_stats is not None and (labels is not None or output_router_logits):
             balance, parts = balance_loss(self.config, outputs.router_stats)
             aux_loss = parts["lbl"]
         loss = None

@@ -121,6 +121,30 @@ def fsdp2_global(out: Path, rank: int) -> None:
     )
 
 
+def native_parallel_forward(out: Path, rank: int) -> None:
+    """transformers' own parallel engine (`from_pretrained(distributed_config=...)`): tensor parallel, tensor + expert
+    parallel and FSDP2 + expert parallel, with tied and untied embeddings: logits and loss of one forward."""
+    from transformers.distributed.configuration_utils import DistributedConfig
+
+    layouts = {
+        "tp2": {"tp_size": 2},
+        "tp2_ep2": {"tp_size": 2, "ep_size": 2},
+        "fsdp2_ep2": {"fsdp_size": 2, "ep_size": 2},
+    }
+    ids = torch.load(out / "parallel_ids.pt")
+    results = {}
+    for tied in ("tied", "untied"):
+        for name, sizes in layouts.items():
+            model = QwenMoeGBForCausalLM.from_pretrained(
+                out / f"parallel_{tied}", distributed_config=DistributedConfig(**sizes), dtype=torch.float32
+            ).eval()
+            with torch.no_grad():
+                outputs = model(input_ids=ids, labels=ids)
+            logits = outputs.logits.full_tensor() if hasattr(outputs.logits, "full_tensor") else outputs.logits
+            results[f"{tied}_{name}"] = {"logits": logits, "loss": outputs.loss}
+    torch.save(results, out / f"parallel_rank{rank}.pt")
+
+
 def raising_rank(rank: int) -> None:
     """Rank 1 fails before its first collective; rank 0 is left waiting in the balancer's all-reduce."""
     model = QwenMoeGBForCausalLM(make_config()).train()
@@ -148,6 +172,7 @@ def main() -> None:
     subgroup_counts(out, rank)
     uneven_last_batch(out, rank)
     fsdp2_global(out, rank)
+    native_parallel_forward(out, rank)
     cli_pretrain(out)
     dist.barrier()
     dist.destroy_process_group()

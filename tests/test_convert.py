@@ -53,3 +53,34 @@ def test_qwen_checkpoint_loads_with_identical_logits_then_fine_tunes(kind, tmp_p
 def test_unsupported_model_type_is_rejected():
     with pytest.raises(ValueError, match="model_type='llama' cannot be converted"):
         qwen_moe_config(transformers.LlamaConfig())
+
+
+def test_converted_qwen3_keeps_its_balance_strength(tmp_path, caplog):
+    """A Qwen3-MoE checkpoint with K = 8: its coefficient × transformers' aux loss equals the converted coefficient ×
+    our LBL, in value and in router gradient (one MoE layer, where transformers' loss is exactly K × ours)."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    from modeling_qwenmoe_gb import switch_balance_loss
+
+    shape = {**SHAPE, "num_hidden_layers": 1, "num_experts": 16, "num_experts_per_tok": 8}
+    torch.manual_seed(0)
+    qwen = transformers.Qwen3MoeForCausalLM(
+        transformers.Qwen3MoeConfig(**shape, head_dim=8, router_aux_loss_coef=0.001, initializer_range=0.5)
+    )
+    qwen.save_pretrained(tmp_path / "qwen3")
+    with caplog.at_level("WARNING"):
+        model = from_qwen_moe(str(tmp_path / "qwen3"))
+    assert model.config.router_aux_loss_coef == pytest.approx(0.008)
+    assert "transformers' units" in caplog.text and "0.008" in caplog.text
+    assert from_qwen_moe(str(tmp_path / "qwen3"), router_aux_loss_coef=0.05).config.router_aux_loss_coef == 0.05
+    ids = torch.randint(0, 99, (2, 9))
+    theirs = qwen(ids, output_router_logits=True)
+    their_term = qwen.config.router_aux_loss_coef * load_balancing_loss_func(theirs.router_logits, 16, 8)
+    stats = model(ids).router_stats
+    our_term = model.config.router_aux_loss_coef * switch_balance_loss(
+        stats.counts.sum(1), stats.prob_sums.sum(1), stats.num_tokens.sum(1), 8
+    )
+    torch.testing.assert_close(our_term, their_term)
+    (their_grad,) = torch.autograd.grad(their_term, qwen.model.layers[0].mlp.gate.weight)
+    (our_grad,) = torch.autograd.grad(our_term, model.model.layers[0].mlp.gate.weight)
+    torch.testing.assert_close(our_grad, their_grad)

@@ -33,6 +33,7 @@ def workdir(tmp_path_factory):
     model = QwenMoeGBForCausalLM(make_config()).double()
     torch.save(model.state_dict(), out / "init.pt")
     torch.save(QwenMoeGBForCausalLM(make_config(aux_free=True)).state_dict(), out / "init_f32.pt")
+    save_parallel_checkpoints(out)
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     result = torchrun(out, env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -43,6 +44,20 @@ def torchrun(out: Path, env: dict, *extra: str, timeout: int = 600) -> subproces
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     worker = [str(ROOT / "tests" / "distributed_worker.py"), str(out), *extra]
     return subprocess.run([*cmd, *worker], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def save_parallel_checkpoints(out: Path) -> None:
+    """Tied and untied checkpoints, the input ids, and the one-process logits and loss of each (the references)."""
+    ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(3))
+    torch.save(ids, out / "parallel_ids.pt")
+    references = {}
+    for tied in ("tied", "untied"):
+        model = QwenMoeGBForCausalLM(make_config(tie_word_embeddings=tied == "tied")).eval()
+        model.save_pretrained(out / f"parallel_{tied}")
+        with torch.no_grad():
+            outputs = model(input_ids=ids, labels=ids)
+        references[tied] = {"logits": outputs.logits, "loss": outputs.loss}
+    torch.save(references, out / "parallel_reference.pt")
 
 
 def reference_model(out: Path, scope: str) -> QwenMoeGBForCausalLM:
@@ -233,3 +248,15 @@ def test_fsdp2_sharded_training_matches_one_process(workdir):
         torch.testing.assert_close(seen["counts"], counts, rtol=0, atol=0)
         for name, grad in seen["grads"].items():
             torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["tp2", "tp2_ep2", "fsdp2_ep2"])
+@pytest.mark.parametrize("tied", ["tied", "untied"])
+def test_native_parallel_forward_equals_one_process(workdir, tied, layout):
+    """transformers' parallel engine on 2 gloo ranks (TP, TP + EP, FSDP2 + EP; the head's `_tp_plan` makes tied
+    embeddings work) gives every rank the logits and loss of the one-process model."""
+    reference = torch.load(workdir / "parallel_reference.pt")[tied]
+    for rank in range(2):
+        got = torch.load(workdir / f"parallel_rank{rank}.pt")[f"{tied}_{layout}"]
+        torch.testing.assert_close(got["logits"], reference["logits"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got["loss"], reference["loss"], rtol=1e-5, atol=1e-5)

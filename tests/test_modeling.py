@@ -133,3 +133,52 @@ def test_gradient_checkpointing_gives_same_stats_and_grads():
     b.loss.backward()
     ga = plain.model.layers[1].mlp.gate.weight.grad
     torch.testing.assert_close(ga, ckpt.model.layers[1].mlp.gate.weight.grad)
+
+
+@pytest.mark.parametrize("labels", [False, True])
+def test_return_dict_false_gives_the_output_as_a_tuple(labels):
+    """transformers' convention: `return_dict=False` returns `output.to_tuple()` (loss first when labels are given),
+    on the causal LM and on the base model, with the cache included when `use_cache`."""
+    model = QwenMoeGBForCausalLM(tiny_config()).eval()
+    ids = torch.randint(1, 99, (2, 6))
+    kwargs = {"labels": ids} if labels else {}
+    as_dict = model(ids, use_cache=True, **kwargs)
+    as_tuple = model(ids, use_cache=True, return_dict=False, **kwargs)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == len(as_dict.to_tuple())
+    for got, expected in zip(as_tuple, as_dict.to_tuple()):
+        if isinstance(expected, torch.Tensor):
+            torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(as_tuple[0], as_dict.loss if labels else as_dict.logits)
+    base = model.model(ids, return_dict=False)
+    assert isinstance(base, tuple)
+    torch.testing.assert_close(base[0], model.model(ids).last_hidden_state)
+
+
+def test_forward_return_annotations_are_the_output_classes():
+    """transformers reads the output fields from the forward's return annotation: it must be the class itself, not a
+    string (no `from __future__ import annotations` in the Hub files)."""
+    import inspect
+
+    from modeling_qwenmoe_gb.modeling_qwenmoe_gb import (
+        QwenMoeGBCausalLMOutputWithPast,
+        QwenMoeGBModel,
+        QwenMoeGBModelOutputWithPast,
+    )
+
+    assert inspect.signature(QwenMoeGBForCausalLM.forward).return_annotation is QwenMoeGBCausalLMOutputWithPast
+    assert inspect.signature(QwenMoeGBModel.forward).return_annotation is QwenMoeGBModelOutputWithPast
+    assert "router_logits" in QwenMoeGBCausalLMOutputWithPast.__dataclass_fields__
+
+
+def test_declares_what_transformers_qwen_moe_models_declare():
+    """The class-level capabilities and parallel plans of transformers' Qwen2-MoE / Qwen3-MoE causal LMs."""
+    from transformers import Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
+
+    for control in (Qwen2MoeForCausalLM, Qwen3MoeForCausalLM):
+        for name in ("_tp_plan", "_pp_plan", "_fsdp_plan", "_tied_weights_keys"):
+            assert getattr(QwenMoeGBForCausalLM, name) == getattr(control, name), name
+        for name in (
+            "_can_compile_fullgraph", "_supports_sdpa", "_supports_flash_attn", "_supports_flex_attn",
+            "_supports_attention_backend", "supports_gradient_checkpointing",
+        ):  # fmt: skip
+            assert getattr(QwenMoeGBForCausalLM, name) is getattr(control, name) is True, name
