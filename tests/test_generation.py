@@ -11,8 +11,7 @@ from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 from transformers.generation import CompileConfig
 
 from modeling_qwenmoe_gb import QwenMoeGBForCausalLM
-
-CACHE_ARG = "cache"
+from modeling_qwenmoe_gb.modeling_qwenmoe_gb import CACHE_ARG
 
 from .conftest import tiny_config
 
