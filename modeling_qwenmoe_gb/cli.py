@@ -12,115 +12,19 @@ domains) on CPU in a few minutes. It takes every `transformers.TrainingArguments
 `accelerate launch` / `torchrun`.
 """
 
-from __future__ import annotations
-
 import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers import HfArgumentParser
 
 from . import analysis
-from .configuration_qwenmoe_gb import QwenMoeGBConfig
-from .data import (
-    ByteTokenizer,
-    DomainBatchSampler,
-    collate_causal_lm,
-    load_corpus,
-    load_tokenizer,
-    pack_corpus,
-    parse_weights,
-    save_data_info,
-    tokenizer_vocab_size,
-)
-from .hub import push_folder, write_model_card
+from .compare import compare
+from .data import load_tokenizer, pack_corpus
+from .hub import push_folder
 from .modeling_qwenmoe_gb import QwenMoeGBForCausalLM
-from .presets import load_preset
-from .trainer import QwenMoeGBTrainer, SwitchScopeCallback
-
-PRETRAIN_DEFAULTS = [
-    "--output_dir", "runs/pretrain",
-    "--max_steps", "600",
-    "--per_device_train_batch_size", "2",
-    "--gradient_accumulation_steps", "8",
-    "--learning_rate", "3e-3",
-    "--lr_scheduler_type", "cosine",
-    "--warmup_steps", "25",
-    "--weight_decay", "0.01",
-    "--logging_steps", "50",
-    "--save_steps", "300",
-    "--save_total_limit", "2",
-    "--report_to", "none",
-    "--seed", "0",
-    "--dataloader_drop_last", "true",
-]  # fmt: skip
-
-
-@dataclass
-class ModelArguments:
-    preset: str = field(default="demo", metadata={"help": "preset name (configuration/*.json) or a config JSON path"})
-    model_name_or_path: str | None = field(default=None, metadata={"help": "start from this checkpoint instead"})
-    balance_scope: str = field(default="global", metadata={"help": "micro | global | sequence"})
-    router_aux_loss_coef: float = field(default=0.1, metadata={"help": "expert-level LBL coefficient"})
-    micro_balance_coef: float = field(default=0.0, metadata={"help": "extra micro LBL on top of global"})
-    balance_group_size: int | None = field(default=None, metadata={"help": "micro scope over chunks of b sequences"})
-    device_balance_groups: str | None = field(default=None, metadata={"help": "D, or a JSON partition of experts"})
-    device_balance_coef: float = field(default=0.001, metadata={"help": "device-level LBL coefficient"})
-    router_z_loss_coef: float = field(default=0.0, metadata={"help": "router z-loss coefficient"})
-    aux_free: bool = field(default=False, metadata={"help": "auxiliary-loss-free bias balancing"})
-    aux_free_bias_update_rate: float = field(default=0.001, metadata={"help": "aux-free bias update rate u"})
-    router_scoring_func: str = field(default="softmax", metadata={"help": "softmax | sigmoid"})
-    experts_implementation: str | None = field(default=None, metadata={"help": "eager | batched_mm | grouped_mm"})
-    config_overrides: str | None = field(default=None, metadata={"help": "JSON dict of further config fields"})
-    balance_sync_group_size: int | None = field(default=None, metadata={"help": "all-reduce within groups of ranks"})
-    aux_free_update: str = field(default="global", metadata={"help": "aux-free bias update: global (per step) | micro"})
-    switch_scope_at: int | None = field(default=None, metadata={"help": "optimizer step at which to switch scope"})
-    switch_scope_to: str | None = field(default=None, metadata={"help": "scope to switch to at switch_scope_at"})
-
-    def balance_fields(self) -> dict:
-        groups = self.device_balance_groups
-        if groups is not None:
-            groups = json.loads(groups)
-        fields = {
-            "balance_scope": self.balance_scope,
-            "router_aux_loss_coef": self.router_aux_loss_coef,
-            "micro_balance_coef": self.micro_balance_coef,
-            "balance_group_size": self.balance_group_size,
-            "device_balance_groups": groups,
-            "device_balance_coef": self.device_balance_coef,
-            "router_z_loss_coef": self.router_z_loss_coef,
-            "aux_free": self.aux_free,
-            "aux_free_bias_update_rate": self.aux_free_bias_update_rate,
-            "router_scoring_func": self.router_scoring_func,
-        }
-        fields.update(json.loads(self.config_overrides) if self.config_overrides else {})
-        return fields
-
-
-@dataclass
-class DataArguments:
-    data: str = field(default="synthetic", metadata={"help": "'synthetic', a folder of domains, or 'hub:name1,...'"})
-    tokenizer: str = field(default="byte", metadata={"help": "'byte' or a tokenizer path / Hub name"})
-    seq_len: int = field(default=128, metadata={"help": "packed sequence length"})
-    text_field: str = field(default="text", metadata={"help": "text field of jsonl rows / Hub datasets"})
-    domain_column: str | None = field(default=None, metadata={"help": "domain column of a mixed Hub dataset"})
-    max_docs_per_domain: int | None = field(default=None, metadata={"help": "cap documents per domain"})
-    synthetic_docs: int = field(default=300, metadata={"help": "synthetic training documents per domain"})
-    domain_weights: str | None = field(default=None, metadata={"help": "recipe weights 'a=2,b=1' (default uniform)"})
-    domain_chunk: int | None = field(default=None, metadata={"help": "micro-batches of domain-pure chunks of n seqs"})
-    eval_batch_size: int = field(default=16, metadata={"help": "batch size of evaluation and analysis"})
-    eval_max_sequences: int | None = field(default=64, metadata={"help": "held-out sequences per domain"})
-
-    def corpus(self):
-        return load_corpus(
-            self.data,
-            num_docs=self.synthetic_docs,
-            text_field=self.text_field,
-            text_column=self.text_field,
-            domain_column=self.domain_column,
-            max_docs=self.max_docs_per_domain,
-        )
+from .pretraining import DataArguments, ModelArguments, evaluate_and_analyze, pretrain
 
 
 @dataclass
@@ -137,97 +41,7 @@ class PushArguments:
     token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)"})
 
 
-# ----------------------------------------------------------------------------------------- model building
-
-
-def build_model(model_args: ModelArguments, data_args: DataArguments, tokenizer) -> QwenMoeGBForCausalLM:
-    vocab = tokenizer_vocab_size(tokenizer)
-    kwargs = {"experts_implementation": model_args.experts_implementation} if model_args.experts_implementation else {}
-    if model_args.model_name_or_path:
-        model = QwenMoeGBForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
-        for name, value in model_args.balance_fields().items():
-            setattr(model.config, name, value)
-        model.config.validate_balance()
-        if vocab > model.config.vocab_size:
-            raise ValueError(
-                f"tokenizer={data_args.tokenizer!r} has {vocab} tokens but the model's vocab_size is "
-                f"{model.config.vocab_size}: allowed tokenizers with at most {model.config.vocab_size} tokens"
-            )
-    else:
-        config = load_preset(model_args.preset, **model_args.balance_fields())
-        if vocab > config.vocab_size:
-            config.vocab_size = vocab
-        model = QwenMoeGBForCausalLM._from_config(config, **kwargs)
-    if data_args.seq_len > model.config.max_position_embeddings:
-        raise ValueError(
-            f"seq_len={data_args.seq_len} is above the model's max_position_embeddings="
-            f"{model.config.max_position_embeddings}: allowed 1..{model.config.max_position_embeddings}"
-        )
-    return model
-
-
-def evaluate_and_analyze(model, packed_test, out_dir: Path, data_args: DataArguments, title: str = "") -> dict:
-    routed = analysis.route_domains(model, packed_test, data_args.eval_batch_size, data_args.eval_max_sequences)
-    ppl = analysis.perplexity_report(routed)
-    spec = analysis.specialization_report(routed, model.config.num_experts_per_tok)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    analysis.write_json(ppl, out_dir / "eval.json")
-    analysis.write_json(spec, out_dir / "specialization.json")
-    analysis.plot_heatmaps(spec, out_dir / "expert_heatmap.png", title)
-    analysis.plot_topk_scores(spec, out_dir / "topk_scores.png")
-    return {"eval": ppl, "specialization": spec}
-
-
-def describe_data(data_args: DataArguments, packed) -> str:
-    sizes = ", ".join(f"{d}: {n} sequences" for d, n in zip(packed.domains, packed.sizes))
-    return (
-        f"`{data_args.data}` tokenized with `{data_args.tokenizer}`, packed per domain into {data_args.seq_len}-token "
-        f"sequences ({sizes}); every micro-batch holds one domain, domains mixed across the global batch by recipe "
-        f"weights `{data_args.domain_weights or 'uniform'}`."
-    )
-
-
 # ----------------------------------------------------------------------------------------- commands
-
-
-def pretrain(argv: list[str]) -> dict:
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=PRETRAIN_DEFAULTS + argv)
-    set_seed(train_args.seed)
-    tokenizer = load_tokenizer(data_args.tokenizer)
-    corpus = data_args.corpus()
-    train = pack_corpus(corpus, tokenizer, data_args.seq_len, "train")
-    test = pack_corpus(corpus, tokenizer, data_args.seq_len, "test")
-    model = build_model(model_args, data_args, tokenizer)
-    weights = parse_weights(data_args.domain_weights, train.domains)
-    micro_batches = train_args.max_steps * train_args.gradient_accumulation_steps * train_args.world_size
-    batch = train_args.per_device_train_batch_size
-    sampler = DomainBatchSampler(train.sizes, batch, weights, micro_batches, train_args.seed, data_args.domain_chunk)
-    trainer = QwenMoeGBTrainer(
-        model=model,
-        args=train_args,
-        train_dataset=train.dataset(),
-        data_collator=collate_causal_lm,
-        train_batch_sampler=sampler,
-        balance_sync_group_size=model_args.balance_sync_group_size,
-        bias_update=model_args.aux_free_update,
-    )
-    if model_args.switch_scope_at is not None:
-        trainer.add_callback(SwitchScopeCallback(model, model_args.switch_scope_at, model_args.switch_scope_to))
-    trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
-    out_dir = Path(train_args.output_dir)
-    trainer.save_model(str(out_dir))
-    if not trainer.is_world_process_zero():
-        return {}
-    analysis.write_json({"log_history": trainer.state.log_history}, out_dir / "log_history.json")
-    (tokenizer.to_hf() if isinstance(tokenizer, ByteTokenizer) else tokenizer).save_pretrained(out_dir)
-    info = (out_dir / "data_info.json", corpus, train, data_args.tokenizer, data_args.data, train_args.world_size)
-    save_data_info(*info)
-    result = evaluate_and_analyze(trainer.model, test, out_dir, data_args, f"{model.config.balance_scope} balance")
-    write_model_card(out_dir, model.config, result["eval"], result["specialization"], describe_data(data_args, train))
-    print(analysis.format_ppl_table(result["eval"]))
-    print(f"specialization KL: {result['specialization']['specialization_kl']:.4f}   (files in {out_dir})")
-    return result
 
 
 def _load_for_eval(argv: list[str]):
@@ -272,9 +86,7 @@ def push_cmd(argv: list[str]) -> str:
     return url
 
 
-def compare_cmd(argv: list[str]):
-    from .compare import compare
-
+def compare_cmd(argv: list[str]) -> dict:
     return compare(argv)
 
 
@@ -309,4 +121,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["DataArguments", "ModelArguments", "QwenMoeGBConfig", "main", "pretrain"]
+__all__ = ["DataArguments", "ModelArguments", "main", "pretrain"]

@@ -29,6 +29,7 @@ import transformers
 from transformers import HfArgumentParser
 
 from .analysis import write_json
+from .pretraining import pretrain
 
 COMPARE_DEFAULTS = [
     "--per_device_train_batch_size", "16",
@@ -218,7 +219,6 @@ def plot_figures(summary: dict, runs: dict, out: Path) -> None:
 
 
 def compare(argv: list[str]) -> dict:
-    from .cli import pretrain  # the arms are pretrain runs
 
     parser = HfArgumentParser(CompareArguments)
     args, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)

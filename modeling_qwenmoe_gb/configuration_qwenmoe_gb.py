@@ -11,8 +11,6 @@ Features
 This file imports only the standard library and transformers (Hub custom-code rule).
 """
 
-from __future__ import annotations
-
 from transformers import Qwen2MoeConfig
 
 BALANCE_SCOPES = ("micro", "global", "sequence")

@@ -5,8 +5,8 @@ Features
   all-reduced over data-parallel ranks and buffered over the step's accumulation micro-steps) with the same gradient
   scale as the micro-batch loss, whatever the world size or the number of accumulation steps.
 - `BalanceCallback.on_pre_optimizer_step` updates the aux-free biases and resets the count buffer once per step.
-- Balance metrics in the Trainer logs (TensorBoard / W&B via `report_to`) and an expert-load heatmap image in
-  TensorBoard.
+- Balance metrics in the Trainer logs (TensorBoard / W&B via `report_to`, `state.log_history`) and an expert-load
+  heatmap image in TensorBoard; the console line shows the means over layers, not each layer.
 - `train_batch_sampler`: a batch sampler (e.g. `data.DomainBatchSampler`, domain-pure micro-batches) used for the
   training DataLoader; accelerate deals its batches round-robin to the ranks.
 - Resuming (`resume_from_checkpoint`) and `load_best_model_at_end` restore the fused expert weights, which the stock
@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from transformers import Trainer, TrainerCallback
 from transformers.integrations import TensorBoardCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .balance import GlobalBalancer
 from .configuration_qwenmoe_gb import BALANCE_SCOPES
@@ -46,6 +47,26 @@ class BalanceCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.balancer.step()
+
+
+def console_logs(logs: dict) -> dict:
+    """The logs without per-layer entries (`balance/<metric>/layer_<i>`): the console shows the means, while
+    `state.log_history` (log_history.json) and TensorBoard / W&B keep every layer."""
+    return {k: v for k, v in logs.items() if "/layer_" not in k}
+
+
+class ConsoleProgressCallback(ProgressCallback):
+    """transformers' progress bar, printing `console_logs(logs)`."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        super().on_log(args, state, control, logs=console_logs(logs or {}), **kwargs)
+
+
+class ConsolePrinterCallback(PrinterCallback):
+    """transformers' printer (`disable_tqdm=True`), printing `console_logs(logs)`."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        super().on_log(args, state, control, logs=console_logs(logs or {}), **kwargs)
 
 
 class SwitchScopeCallback(TrainerCallback):
@@ -85,6 +106,11 @@ class GlobalBalanceMixin:
             self.model.config.output_router_logits = False
         self.balancer = GlobalBalancer(self.model, sync_group_size=balance_sync_group_size, bias_update=bias_update)
         self.add_callback(BalanceCallback(self.balancer))
+        consoles = {ProgressCallback: ConsoleProgressCallback, PrinterCallback: ConsolePrinterCallback}
+        for callback in list(self.callback_handler.callbacks):
+            if type(callback) in consoles:  # the stock classes only: a user's own printer stays
+                self.callback_handler.remove_callback(callback)
+                self.add_callback(consoles[type(callback)])
         self.train_batch_sampler = train_batch_sampler
         self._ce_sum, self._ce_steps = 0.0, 0  # the sum becomes a tensor on the loss's device at the first micro-step
 
@@ -177,4 +203,12 @@ class QwenMoeGBTrainer(GlobalBalanceMixin, Trainer):
     """`transformers.Trainer` for QwenMoE-GB models (see `GlobalBalanceMixin` for the extra args)."""
 
 
-__all__ = ["BalanceCallback", "GlobalBalanceMixin", "QwenMoeGBTrainer", "SwitchScopeCallback"]
+__all__ = [
+    "BalanceCallback",
+    "ConsolePrinterCallback",
+    "ConsoleProgressCallback",
+    "GlobalBalanceMixin",
+    "QwenMoeGBTrainer",
+    "SwitchScopeCallback",
+    "console_logs",
+]

@@ -134,3 +134,15 @@ def test_scope_switch_mid_training(tmp_path):
     pretrain([*TINY, "--output_dir", str(tmp_path), "--balance_scope", "micro", "--switch_scope_at", "3",
               "--switch_scope_to", "global", "--save_strategy", "no"])  # fmt: skip
     assert json.loads((tmp_path / "config.json").read_text())["balance_scope"] == "global"
+
+
+@pytest.mark.parametrize("disable_tqdm", ["true", "false"])
+def test_console_shows_layer_means_and_the_history_keeps_every_layer(tmp_path, capsys, disable_tqdm):
+    flags = [*TINY, "--max_steps", "2", "--logging_steps", "1", "--save_strategy", "no", "--eval_max_sequences", "2"]
+    pretrain([*flags, "--disable_tqdm", disable_tqdm, "--output_dir", str(tmp_path)])
+    console = capsys.readouterr()
+    printed = console.out + console.err
+    assert "'balance/global_lbl'" in printed and "'ce_loss'" in printed
+    assert "/layer_" not in printed
+    history = json.loads((tmp_path / "log_history.json").read_text())["log_history"]
+    assert "balance/global_lbl/layer_1" in history[0] and "balance/maxvio_global/layer_0" in history[0]
