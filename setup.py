@@ -22,7 +22,9 @@ setup(
     },
     install_requires=[
         "torch>=2.6",
-        "transformers>=5.17,<6",
+        # 5.23: the first with transformers' whole native parallel engine (DistributedConfig's dp_replicate_size and
+        # ep_implementation); 5.24 renamed the KV-cache argument, both are supported (CI tests the floor and the newest)
+        "transformers>=5.23,<6",
         "accelerate>=1.10",
         "datasets>=3.0",
         "safetensors>=0.4",
