@@ -39,6 +39,19 @@ def find_moe_model(model: nn.Module) -> nn.Module:
     raise ValueError(f"model={type(model).__name__} holds no QwenMoeGBModel: allowed QwenMoE-GB models only")
 
 
+def data_parallel_group(model: nn.Module) -> dist.ProcessGroup | None:
+    """The ranks that hold distinct data, for a model loaded with transformers' `distributed_config`: the
+    data-parallel dims (dp_replicate × fsdp) of its device mesh. Ranks of one tensor-parallel group share a batch and
+    must count it once. None (the whole world) for a model without a mesh, or when the data-parallel ranks are all."""
+    manager = next((m._mesh_manager for m in model.modules() if getattr(m, "_mesh_manager", None) is not None), None)
+    if manager is None:
+        return None
+    mesh = manager.get_mesh(("dp_replicate", "fsdp"))  # dense view: (pp, dp_replicate, fsdp, tp)
+    if mesh.size() == dist.get_world_size():
+        return None
+    return mesh._flatten().get_group()  # one flat group per (pp, tp) coordinate
+
+
 def max_violation(counts: torch.Tensor) -> torch.Tensor:
     """MaxVio = (max load − mean load) / mean load per layer, counts (..., E) -> (...)."""
     counts = counts.double()
@@ -60,8 +73,9 @@ class GlobalBalancer:
 
     Args:
         model: the (possibly wrapped) QwenMoE-GB model; its config decides scope and coefficients.
-        group: the data-parallel process group to all-reduce over (default: the whole world when
-            `torch.distributed` is initialised, no communication otherwise).
+        group: the data-parallel process group to all-reduce over (default: the data-parallel ranks of a model loaded
+            with transformers' `distributed_config` (`data_parallel_group`), else the whole world when
+            `torch.distributed` is initialised; no communication otherwise).
         sync_group_size: all-reduce only within consecutive groups of this many ranks (a balance-BSZ between micro and
             global); must divide the world size.
         bias_update: `"global"` (default): aux-free biases move once per optimizer step from the step's global counts;
@@ -83,7 +97,7 @@ class GlobalBalancer:
         self.max_pending = max_pending
         self.moe_model = find_moe_model(model)
         self.config = self.moe_model.config
-        self.group = group
+        self.group = group if group is not None else data_parallel_group(model)
         if sync_group_size is not None:
             world = dist.get_world_size() if dist.is_initialized() else 1
             if sync_group_size < 1 or world % sync_group_size:
@@ -240,4 +254,4 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-__all__ = ["GlobalBalancer", "find_moe_model", "max_violation", "per_layer_lbl"]
+__all__ = ["GlobalBalancer", "data_parallel_group", "find_moe_model", "max_violation", "per_layer_lbl"]

@@ -20,6 +20,7 @@ Shape legend: B batch, S sequence, T = B·S tokens, D hidden, E experts, K top-k
 This file imports only the standard library, torch, transformers and `.configuration_qwenmoe_gb`.
 """
 
+import os
 from dataclasses import dataclass, fields
 
 import torch
@@ -31,6 +32,7 @@ from transformers.conversion_mapping import (
     get_checkpoint_conversion_mapping,
     register_checkpoint_conversion_mapping,
 )
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -386,6 +388,21 @@ class QwenMoeGBPreTrainedModel(PreTrainedModel):
         "hidden_states": OutputRecorder(QwenMoeGBDecoderLayer, index=0),
         "attentions": OutputRecorder(Qwen2MoeAttention, index=1),
     }
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save, plus: under FSDP2 (transformers' parallel engine, or `fully_shard`) the model's class is
+        a subclass defined by torch (`FSDPQwenMoeGBForCausalLM`); the folder gets the code and `auto_map` of our own
+        class, as a one-process save does, and none of torch's files."""
+        own = next(c for c in type(self).__mro__ if c.__module__ == __name__)  # our class under any wrapper class
+        if own is type(self) or own._auto_class is None:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        type(self)._auto_class = None  # the wrapper class ships no code of its own
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if kwargs.get("is_main_process", True) and rank == 0:
+            os.makedirs(save_directory, exist_ok=True)
+            code_of = type(own.__name__, (), {"__module__": own.__module__, "_auto_class": own._auto_class})
+            custom_object_save(code_of(), save_directory, config=self.config)  # our files + auto_map in the config
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module):

@@ -1,0 +1,96 @@
+"""Worker for the tests of transformers' native parallel engine on 2 gloo processes:
+`torchrun --nproc_per_node 2 tests/engine_worker.py OUT_DIR`.
+
+Every scenario loads OUT_DIR/ckpt with `from_pretrained(distributed_config=DistributedConfig(...))` and writes what
+the rank saw to OUT_DIR/<scenario>_rank<r>.pt; the parent test computes single-process references and compares.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers.distributed.configuration_utils import DistributedConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from modeling_qwenmoe_gb import QwenMoeGBForCausalLM  # noqa: E402
+from modeling_qwenmoe_gb.balance import GlobalBalancer  # noqa: E402
+from tests.dist_common import batch_for  # noqa: E402
+
+# name -> (DistributedConfig sizes, balance scope, accumulation steps, do the two ranks hold distinct data)
+STEPS = {
+    "fsdp2_global": ({"fsdp_size": 2}, "global", 1, True),
+    "fsdp2_ep2_global_accum2": ({"fsdp_size": 2, "ep_size": 2}, "global", 2, True),
+    "fsdp2_ep2_micro": ({"fsdp_size": 2, "ep_size": 2}, "micro", 1, True),
+    "dp_replicate2_global": ({"dp_replicate_size": 2}, "global", 1, True),
+    "tp2_global": ({"tp_size": 2}, "global", 1, False),
+}
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def load(out: Path, sizes: dict, **config) -> QwenMoeGBForCausalLM:
+    return QwenMoeGBForCausalLM.from_pretrained(
+        out / "ckpt", distributed_config=DistributedConfig(**sizes), dtype=torch.float32, **config
+    )
+
+
+def engine_step(out: Path, rank: int, name: str) -> None:
+    """One optimizer step of a plain loop with the balancer: counts buffer per micro-step, gradients, aux-free bias."""
+    sizes, scope, accumulation, distinct = STEPS[name]
+    model = load(out, sizes, balance_scope=scope).train()
+    balancer = GlobalBalancer(model)
+    buffers = []
+    for micro in range(accumulation):
+        ids = batch_for(step=micro, rank=rank if distinct else 0)  # a TP group shares one batch
+        outputs = model(input_ids=ids, labels=ids, add_balance_loss=False)
+        balance, _ = balancer(outputs.router_stats)
+        ((outputs.loss + balance) / accumulation).backward()
+        buffers.append(balancer.step_counts.clone())
+    balancer.step()
+    grads = {n: full(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None}
+    biases = torch.stack([r.expert_bias.clone() for r in model.model.moe_routers()])
+    torch.save({"buffers": buffers, "grads": grads, "biases": biases}, out / f"{name}_rank{rank}.pt")
+
+
+def engine_train_and_save(out: Path, rank: int) -> None:
+    """`QwenMoeGBTrainer` on FSDP2 + EP: two SGD steps, `save_model`, and the logits the trained model gives."""
+    from transformers import TrainingArguments
+
+    from modeling_qwenmoe_gb.trainer import QwenMoeGBTrainer
+    from tests.dist_common import repeated_sequence_dataset
+
+    model = load(out, {"fsdp_size": 2, "ep_size": 2})
+    args = TrainingArguments(
+        output_dir=str(out / "engine_run"), per_device_train_batch_size=2, max_steps=2, learning_rate=0.5,
+        optim="sgd", lr_scheduler_type="constant", report_to=[], use_cpu=True, save_strategy="no",
+        disable_tqdm=True, logging_steps=1,
+    )  # fmt: skip
+    trainer = QwenMoeGBTrainer(model=model, args=args, train_dataset=repeated_sequence_dataset(16))
+    trainer.train()
+    trainer.save_model(str(out / "engine_saved"))
+    model.eval()
+    with torch.no_grad():
+        logits = full(model(input_ids=torch.load(out / "ids.pt")).logits)
+    biases = torch.stack([r.expert_bias.clone() for r in model.model.moe_routers()])
+    torch.save({"logits": logits, "biases": biases}, out / f"engine_saved_rank{rank}.pt")
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    rank = int(os.environ["RANK"])
+    os.environ["ACCELERATE_USE_CPU"] = "1"
+    dist.init_process_group("gloo")
+    for name in STEPS:
+        engine_step(out, rank, name)
+    engine_train_and_save(out, rank)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""transformers' native parallel engine (`from_pretrained(distributed_config=DistributedConfig(...))`) on 2 gloo
+processes: the balancer counts over exactly the data-parallel ranks, a step equals one process on the same data, and a
+model trained and saved under FSDP2 + EP is a normal Hub folder that reloads (also as remote code) with its logits."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from modeling_qwenmoe_gb import QwenMoeGBForCausalLM, balance_loss
+
+from .dist_common import batch_for, make_config
+from .engine_worker import STEPS
+from .test_distributed import free_port
+from .test_hub_files import REMOTE_SCRIPT
+
+pytestmark = pytest.mark.distributed
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("engine")
+    torch.manual_seed(0)
+    QwenMoeGBForCausalLM(make_config(aux_free=True)).save_pretrained(out / "ckpt")
+    torch.save(torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(5)), out / "ids.pt")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    result = subprocess.run(
+        [*cmd, str(ROOT / "tests" / "engine_worker.py"), str(out)], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return out
+
+
+def reference_step(out: Path, scope: str, accumulation: int, ranks: int) -> dict:
+    """One process: the data of `ranks` ranks × `accumulation` micro-steps, each rank's loss with the counts of every
+    rank's micro-steps so far (global scope), averaged over ranks and micro-steps."""
+    model = QwenMoeGBForCausalLM.from_pretrained(out / "ckpt", balance_scope=scope).train()
+    running, buffers = torch.zeros(2, 8, dtype=torch.long), []
+    for micro in range(accumulation):
+        batches = [batch_for(step=micro, rank=r) for r in range(ranks)]
+        with torch.no_grad():
+            running += sum(model(input_ids=ids).router_stats.counts.sum(1) for ids in batches).round().long()
+        buffers.append(running.clone())
+        for ids in batches:
+            outputs = model(input_ids=ids, labels=ids, add_balance_loss=False)
+            balance, _ = balance_loss(model.config, outputs.router_stats, running if scope == "global" else None)
+            ((outputs.loss + balance) / (accumulation * ranks)).backward()
+    rate = model.config.aux_free_bias_update_rate
+    bias = rate * torch.sign(running.double().mean(-1, keepdim=True) - running.double())
+    return {"buffers": buffers, "grads": {n: p.grad for n, p in model.named_parameters()}, "biases": bias.float()}
+
+
+@pytest.mark.parametrize("name", list(STEPS))
+def test_engine_step_equals_one_process(workdir, name):
+    """Counts buffer per micro-step (exact; a TP group counts its shared batch once), every gradient, and the aux-free
+    bias (identical on both ranks) equal one process on the same data."""
+    _, scope, accumulation, distinct = STEPS[name]
+    expected = reference_step(workdir, scope, accumulation, ranks=2 if distinct else 1)
+    seen = [torch.load(workdir / f"{name}_rank{rank}.pt") for rank in range(2)]
+    for rank_seen in seen:
+        for got, want in zip(rank_seen["buffers"], expected["buffers"]):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert set(rank_seen["grads"]) == {n for n, g in expected["grads"].items() if g is not None}
+        for param, grad in rank_seen["grads"].items():
+            torch.testing.assert_close(grad, expected["grads"][param], rtol=1e-4, atol=1e-6, msg=param)
+        torch.testing.assert_close(rank_seen["biases"], expected["biases"], rtol=0, atol=1e-9)
+    torch.testing.assert_close(seen[0]["biases"], seen[1]["biases"], rtol=0, atol=0)
+
+
+def test_global_and_micro_steps_differ(workdir):
+    """The references above can tell the scopes apart (the global test is not passing by accident)."""
+    glob = reference_step(workdir, "global", 1, 2)["grads"]["model.layers.0.mlp.gate.weight"]
+    micro = reference_step(workdir, "micro", 1, 2)["grads"]["model.layers.0.mlp.gate.weight"]
+    assert (glob - micro).abs().max() > 1e-4
+
+
+def test_saved_under_fsdp2_ep2_is_a_normal_hub_folder(workdir, tmp_path):
+    """`save_model` under FSDP2 + EP: the layout of a one-process save (our code files and auto_map, no torch
+    files), and the folder reloads — registered and as remote code without the package — with the training logits."""
+    saved = workdir / "engine_saved"
+    one_process = tmp_path / "one_process"
+    QwenMoeGBForCausalLM.from_pretrained(workdir / "ckpt").save_pretrained(one_process)
+    python_files = {p.name for p in saved.glob("*.py")}
+    assert python_files == {p.name for p in one_process.glob("*.py")} == {
+        "configuration_qwenmoe_gb.py", "modeling_qwenmoe_gb.py"
+    }  # fmt: skip
+    config = json.loads((saved / "config.json").read_text())
+    assert config["auto_map"] == json.loads((one_process / "config.json").read_text())["auto_map"]
+    assert config["architectures"] == ["QwenMoeGBForCausalLM"]
+    trained = torch.load(workdir / "engine_saved_rank0.pt")
+    ids = torch.load(workdir / "ids.pt")
+    model = QwenMoeGBForCausalLM.from_pretrained(saved).eval()
+    torch.testing.assert_close(model(ids).logits, trained["logits"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.stack([r.expert_bias for r in model.model.moe_routers()]), trained["biases"])
+    assert trained["biases"].abs().sum() > 0  # the aux-free bias moved in training and was saved
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    torch.save(ids, tmp_path / "ids.pt")
+    subprocess.run(
+        [sys.executable, "-c", REMOTE_SCRIPT, str(saved), str(tmp_path / "ids.pt"), str(tmp_path / "o.pt")],
+        check=True, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    remote = torch.load(tmp_path / "o.pt")
+    assert remote["module"].startswith("transformers_modules")
+    torch.testing.assert_close(remote["logits"], trained["logits"], rtol=1e-5, atol=1e-5)
