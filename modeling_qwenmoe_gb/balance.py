@@ -215,6 +215,23 @@ class GlobalBalancer:
         """Call `step()` before every `optimizer.step()` (a plain loop's alternative to the Trainer callback)."""
         return optimizer.register_step_pre_hook(lambda *_: self.step())
 
+    # ----------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """What a resumed run needs to log the same metrics: the sums since the last `pop_metrics`, the micro-step and
+        step counters, the last step's load. (The step buffer and the aux-free biases are model buffers.)"""
+        self._fold_pending()
+        sums = {k: torch.as_tensor(v).detach().cpu() for k, v in self._sums.items()}
+        last = None if self._last_step_counts is None else self._last_step_counts.cpu()
+        return {"sums": sums, "micro_steps": self._micro_steps, "steps": self._steps, "last_step_counts": last}
+
+    def load_state_dict(self, state: dict) -> None:
+        device = self.step_counts.device
+        self._pending = []
+        self._sums = defaultdict(lambda: 0, {k: v.to(device) for k, v in state["sums"].items()})
+        self._micro_steps, self._steps = state["micro_steps"], state["steps"]
+        last = state["last_step_counts"]
+        self._last_step_counts = None if last is None else last.to(device)
+
     # ----------------------------------------------------------------- metrics
     def pop_metrics(self, reduce: bool = True) -> dict[str, float]:
         """Metrics averaged since the last call (per layer and mean); micro metrics averaged over ranks too."""

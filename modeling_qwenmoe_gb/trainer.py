@@ -10,7 +10,14 @@ Features
 - `train_batch_sampler`: a batch sampler (e.g. `data.DomainBatchSampler`, domain-pure micro-batches) used for the
   training DataLoader; accelerate deals its batches round-robin to the ranks.
 - Resuming (`resume_from_checkpoint`) and `load_best_model_at_end` restore the fused expert weights, which the stock
-  Trainer's raw `load_state_dict` on the per-expert checkpoint files leaves untouched (transformers#48805).
+  Trainer's raw `load_state_dict` on the per-expert checkpoint files leaves untouched (transformers#48805), and the
+  balancer's metric sums and the CE sums (`balance_state_rank<r>.pt`), so a resumed run logs what an uninterrupted one
+  does.
+- Models sharded at load time by transformers' engine (`from_pretrained(distributed_config=...)`: FSDP2, HSDP, TP,
+  EP), which the stock Trainer checkpoints only without optimizer state: checkpoints hold the model and the optimizer
+  as `torch.distributed.checkpoint` shards (`dcp_model/`, `dcp_optimizer/`; each rank writes its own, transformers'
+  `save_pretrained(distributed_checkpoint=True)` / `save_optimizer_distributed`), the scheduler, the RNG states and
+  the balance state, and `resume_from_checkpoint` continues from them, also on another layout where DCP can reshard.
 
 Scale rule, in the Trainer's two modes:
 - `num_items_in_batch` given (the model accepts loss kwargs): CE is a sum over the step's tokens divided by the
@@ -37,6 +44,25 @@ from .configuration_qwenmoe_gb import BALANCE_SCOPES
 
 # Collator outputs of fine-tuning libraries (TRL) that are masks for their own losses, not model inputs.
 EXTRA_COLLATOR_KEYS = ("completion_mask", "assistant_masks")
+DCP_MODEL_DIR = "dcp_model"  # model shards of a checkpoint of a model sharded at load time
+DCP_OPTIMIZER_DIR = "dcp_optimizer"  # optimizer shards of the same
+SCHEDULER_FILE = "scheduler.pt"  # transformers' name
+BALANCE_STATE_FILE = "balance_state_rank{rank}.pt"
+
+
+def _scheduler_for_groups(state: dict, num_groups: int) -> dict:
+    """A saved LR-scheduler state for `num_groups` parameter groups. The optimizer's groups can change with the layout
+    (transformers groups parameters per device mesh); the Trainer's schedule is the same for every group, so a state
+    whose groups all agree is repeated for the new count."""
+    per_group = [k for k in ("base_lrs", "_last_lr", "lr_lambdas") if isinstance(state.get(k), list)]
+    if not per_group or len(state[per_group[0]]) == num_groups:
+        return state
+    if any(any(v != state[k][0] for v in state[k]) for k in per_group):
+        raise ValueError(
+            f"the checkpoint's LR scheduler has {len(state[per_group[0]])} parameter groups with different schedules "
+            f"and the optimizer now has {num_groups}: allowed a layout with the same groups, or equal schedules"
+        )
+    return {**state, **{k: [state[k][0]] * num_groups for k in per_group}}
 
 
 class BalanceCallback(TrainerCallback):
@@ -101,7 +127,19 @@ class GlobalBalanceMixin:
         bias_update: str = "global",
         **kwargs: Any,
     ):
-        super().__init__(*args, **kwargs)
+        model = kwargs.get("model", args[0] if args else None)
+        train_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        sharded = bool(getattr(model, "is_distributed_loading_by_transformers", False))
+        full_checkpoints = (
+            sharded and train_args is not None and train_args.save_strategy != "no" and not train_args.save_only_model
+        )
+        if full_checkpoints:  # the stock Trainer refuses optimizer state for such models; ours writes it with DCP
+            train_args.save_only_model = True
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if full_checkpoints:
+                train_args.save_only_model = False
         if getattr(self.model.config, "output_router_logits", False):  # e.g. set by TRL; we never need the logits
             self.model.config.output_router_logits = False
         self.balancer = GlobalBalancer(self.model, sync_group_size=balance_sync_group_size, bias_update=bias_update)
@@ -151,9 +189,56 @@ class GlobalBalanceMixin:
         self.model.load_state_dict(saved.state_dict())
         return True
 
+    @property
+    def sharded_at_load(self) -> bool:
+        """The model was sharded by transformers' engine when it was loaded (`distributed_config`)."""
+        return bool(getattr(self.model, "is_distributed_loading_by_transformers", False))
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if self.sharded_at_load:
+            from transformers.distributed.checkpoint import _load_model_checkpoint_distributed, is_sharded_checkpoint
+
+            shards = os.path.join(resume_from_checkpoint, DCP_MODEL_DIR)
+            if not is_sharded_checkpoint(shards):
+                raise ValueError(
+                    f"resume_from_checkpoint={resume_from_checkpoint!r} holds no sharded model state "
+                    f"({DCP_MODEL_DIR}/): allowed checkpoints written by QwenMoeGBTrainer for a model loaded with "
+                    "distributed_config"
+                )
+            _load_model_checkpoint_distributed(self.model, shards)
+            return
         if model is not None and model is not self.model or not self._restore_weights(resume_from_checkpoint):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if self.sharded_at_load:
+            from transformers.distributed.checkpoint import save_optimizer_distributed
+
+            self.model.save_pretrained(os.path.join(output_dir, DCP_MODEL_DIR), distributed_checkpoint=True)
+            save_optimizer_distributed(self.model, self.optimizer, os.path.join(output_dir, DCP_OPTIMIZER_DIR))
+            if self.args.should_save:
+                torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_FILE))
+        else:
+            super()._save_optimizer_and_scheduler(output_dir)
+        state = {"balancer": self.balancer.state_dict(), "ce_sum": self._ce_sum, "ce_steps": self._ce_steps}
+        torch.save(state, os.path.join(output_dir, BALANCE_STATE_FILE.format(rank=self.args.process_index)))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None:
+            return
+        if self.sharded_at_load:
+            from transformers.distributed.checkpoint import load_optimizer_distributed
+
+            load_optimizer_distributed(self.model, self.optimizer, os.path.join(checkpoint, DCP_OPTIMIZER_DIR))
+            scheduler = torch.load(os.path.join(checkpoint, SCHEDULER_FILE), weights_only=True)
+            self.lr_scheduler.load_state_dict(_scheduler_for_groups(scheduler, len(self.optimizer.param_groups)))
+        else:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        path = os.path.join(checkpoint, BALANCE_STATE_FILE.format(rank=self.args.process_index))
+        if os.path.isfile(path):  # absent: a checkpoint of an older version, or of a run with fewer ranks
+            state = torch.load(path, weights_only=False)
+            self.balancer.load_state_dict(state["balancer"])
+            self._ce_sum, self._ce_steps = state["ce_sum"], state["ce_steps"]
 
     def _load_best_model(self):
         if not self._restore_weights(self.state.best_model_checkpoint):

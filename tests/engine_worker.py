@@ -80,6 +80,38 @@ def engine_train_and_save(out: Path, rank: int) -> None:
     torch.save({"logits": logits, "biases": biases}, out / f"engine_saved_rank{rank}.pt")
 
 
+def engine_resume(out: Path, rank: int) -> None:
+    """AdamW, 2 accumulation steps, 4 optimizer steps under FSDP2 + EP, checkpoints every 2; then a fresh model resumed
+    from checkpoint-2 on the same layout (FSDP2 + EP) and on another (FSDP2 alone)."""
+    from datasets import Dataset
+    from transformers import TrainingArguments
+
+    from modeling_qwenmoe_gb.trainer import QwenMoeGBTrainer
+
+    ids = torch.randint(0, 61, (64, 12), generator=torch.Generator().manual_seed(11)).tolist()
+    dataset = Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+    def run(name: str, sizes: dict, resume: str | None = None) -> None:
+        model = load(out, sizes)
+        args = TrainingArguments(
+            output_dir=str(out / name), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4,
+            learning_rate=1e-2, optim="adamw_torch", lr_scheduler_type="linear", warmup_steps=1, logging_steps=1,
+            save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+            dataloader_drop_last=True,
+        )  # fmt: skip
+        trainer = QwenMoeGBTrainer(model=model, args=args, train_dataset=dataset)
+        trainer.train(resume_from_checkpoint=resume)
+        params = {n: full(p.detach()).clone() for n, p in model.named_parameters()}
+        biases = torch.stack([r.expert_bias.clone() for r in model.model.moe_routers()])
+        logs = [e for e in trainer.state.log_history if "loss" in e]
+        torch.save({"params": params, "biases": biases, "logs": logs}, out / f"{name}_rank{rank}.pt")
+
+    ep = {"fsdp_size": 2, "ep_size": 2}
+    run("resume_full", ep)
+    run("resume_same", ep, resume=str(out / "resume_full" / "checkpoint-2"))
+    run("resume_fsdp_only", {"fsdp_size": 2}, resume=str(out / "resume_full" / "checkpoint-2"))
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     rank = int(os.environ["RANK"])
@@ -88,6 +120,7 @@ def main() -> None:
     for name in STEPS:
         engine_step(out, rank, name)
     engine_train_and_save(out, rank)
+    engine_resume(out, rank)
     dist.barrier()
     dist.destroy_process_group()
 

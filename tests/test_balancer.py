@@ -167,3 +167,33 @@ def test_no_host_sync_in_the_training_step():
     assert "index_add" in recorder.ops or "scatter_add" in recorder.ops  # the recorder saw the step
     assert not recorder.ops.keys() & {"_local_scalar_dense", "is_nonzero", "item", "nonzero"}
     assert balancer.pop_metrics()["balance/bias_spread"] > 0  # reading the metrics is where the host waits
+
+
+def test_state_dict_carries_the_metrics_of_an_unfinished_logging_window():
+    """A checkpoint taken between two logs: a new balancer loaded with `state_dict()` logs what the old one would."""
+    model = QwenMoeGBForCausalLM(make_config(aux_free=True)).train()
+
+    def run(balancer, steps):
+        for step in steps:
+            for micro in range(2):
+                ids = batch_for(step=2 * step + micro, rank=0)
+                balancer(model(input_ids=ids, labels=ids, add_balance_loss=False).router_stats)
+            balancer.step()
+
+    first = GlobalBalancer(model)
+    run(first, [0, 1])
+    state = first.state_dict()
+    biases = [r.expert_bias.clone() for r in model.model.moe_routers()]
+    run(first, [2])
+    expected = first.pop_metrics()
+    for router, bias in zip(model.model.moe_routers(), biases):  # back to the checkpoint (biases live in the model)
+        router.expert_bias.copy_(bias)
+    resumed = GlobalBalancer(model)
+    resumed.load_state_dict(state)
+    run(resumed, [2])
+    assert resumed.pop_metrics() == expected
+    fresh = GlobalBalancer(model)
+    for router, bias in zip(model.model.moe_routers(), biases):
+        router.expert_bias.copy_(bias)
+    run(fresh, [2])
+    assert fresh.pop_metrics() != expected  # without the state, the window would start over
