@@ -4,19 +4,23 @@ model trained and saved under FSDP2 + EP is a normal Hub folder that reloads (al
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import HfApi, constants
 
 from modeling_qwenmoe_gb import QwenMoeGBForCausalLM, balance_loss
+from modeling_qwenmoe_gb.hub import push_folder, write_model_card
 
 from .dist_common import batch_for, make_config
 from .engine_worker import STEPS
+from .hub_server import HubServer
 from .test_distributed import free_port
-from .test_hub_files import REMOTE_SCRIPT
+from .test_hub_round_trip import pull
 
 pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,9 +84,10 @@ def test_global_and_micro_steps_differ(workdir):
     assert (glob - micro).abs().max() > 1e-4
 
 
-def test_saved_under_fsdp2_ep2_is_a_normal_hub_folder(workdir, tmp_path):
+def test_saved_under_fsdp2_ep2_is_a_normal_hub_folder(workdir, tmp_path, monkeypatch):
     """`save_model` under FSDP2 + EP: the layout of a one-process save (our code files and auto_map, no torch
-    files), and the folder reloads — registered and as remote code without the package — with the training logits."""
+    files); the folder reloads with the training logits, and pushed to the loopback Hub, pulls with
+    `trust_remote_code` in a fresh process without the package and gives them too."""
     saved = workdir / "engine_saved"
     one_process = tmp_path / "one_process"
     QwenMoeGBForCausalLM.from_pretrained(workdir / "ckpt").save_pretrained(one_process)
@@ -99,15 +104,16 @@ def test_saved_under_fsdp2_ep2_is_a_normal_hub_folder(workdir, tmp_path):
     torch.testing.assert_close(model(ids).logits, trained["logits"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.stack([r.expert_bias for r in model.model.moe_routers()]), trained["biases"])
     assert trained["biases"].abs().sum() > 0  # the aux-free bias moved in training and was saved
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
     torch.save(ids, tmp_path / "ids.pt")
-    subprocess.run(
-        [sys.executable, "-c", REMOTE_SCRIPT, str(saved), str(tmp_path / "ids.pt"), str(tmp_path / "o.pt")],
-        check=True, cwd=tmp_path, env=env,
-    )  # fmt: skip
-    remote = torch.load(tmp_path / "o.pt")
-    assert remote["module"].startswith("transformers_modules")
-    torch.testing.assert_close(remote["logits"], trained["logits"], rtol=1e-5, atol=1e-5)
+    with HubServer() as hub:  # push to the loopback Hub, pull in a fresh process without the package
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the tests run offline; this server is loopback
+        shutil.copytree(saved, tmp_path / "card")
+        write_model_card(tmp_path / "card", model.config, repo_id="someone/engine-trained")
+        push_folder(tmp_path / "card", "someone/engine-trained", api=HfApi(endpoint=hub.endpoint, token="hf_test"))
+        env = dict(os.environ, HF_ENDPOINT=hub.endpoint, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="0",
+                   HF_HUB_DISABLE_XET="1")  # fmt: skip
+        pulled = pull("someone/engine-trained", tmp_path, env, "pulled")
+    torch.testing.assert_close(pulled, trained["logits"], rtol=1e-5, atol=1e-5)
 
 
 def test_resume_under_fsdp2_ep2_is_bit_identical(workdir):
