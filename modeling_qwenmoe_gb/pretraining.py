@@ -3,7 +3,11 @@
 
 Features
 - `ModelArguments` / `DataArguments`: the model and data flags, next to every `transformers.TrainingArguments` flag.
-- `build_model`: a preset (`from_config`) or `--model_name_or_path`, with the balance options applied and checked.
+- `ParallelArguments`: transformers' native parallel engine (`--fsdp_size`, `--dp_replicate_size`, `--ep_size`,
+  `--tp_size`, named like `DistributedConfig`'s fields), checked against the world size and the experts before
+  anything is built.
+- `build_model`: a preset (`from_config`) or `--model_name_or_path`, with the balance options applied and checked,
+  sharded at load time when parallel sizes are given.
 - `pretrain(argv)`: train with `QwenMoeGBTrainer` on domain-pure micro-batches, save, evaluate per domain, analyse
   expert specialization and write the model card. Runs unchanged under `accelerate launch` / `torchrun`.
 """
@@ -12,6 +16,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from . import analysis
@@ -115,12 +120,61 @@ class DataArguments:
         )
 
 
+@dataclass
+class ParallelArguments:
+    """transformers' native parallel engine under `torchrun` (all unset: one process, or DDP through accelerate)."""
+
+    fsdp_size: int | None = field(default=None, metadata={"help": "FSDP2 shards (data parallel)"})
+    dp_replicate_size: int | None = field(default=None, metadata={"help": "FSDP replicas (HSDP), data parallel"})
+    ep_size: int | None = field(default=None, metadata={"help": "expert parallel ranks (all-to-all token dispatch)"})
+    tp_size: int | None = field(default=None, metadata={"help": "tensor parallel ranks (GPU only through the Trainer)"})
+
+    def sizes(self) -> dict[str, int]:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+    def distributed_config(self, world_size: int, num_experts: int, use_cpu: bool):
+        """A `DistributedConfig`, or None when no size above 1 is given; `ValueError` for a layout that cannot run."""
+        sizes = self.sizes()
+        for name, value in sizes.items():
+            if value < 1:
+                raise ValueError(f"{name}={value} is not allowed: a size >= 1")
+        if all(v == 1 for v in sizes.values()):
+            return None
+        fsdp, replicate, tp = (sizes.get(k, 1) for k in ("fsdp_size", "dp_replicate_size", "tp_size"))
+        ep = sizes.get("ep_size", 1)
+        if fsdp * replicate * tp != world_size:
+            raise ValueError(
+                f"fsdp_size={fsdp} × dp_replicate_size={replicate} × tp_size={tp} = {fsdp * replicate * tp} but the "
+                f"world size is {world_size}: allowed sizes whose product is the number of processes (torchrun "
+                "--nproc_per_node × nodes)"
+            )
+        if num_experts % ep or ep % tp or (fsdp * tp) % ep:
+            raise ValueError(
+                f"ep_size={ep} is not allowed with num_experts={num_experts}, fsdp_size={fsdp}, tp_size={tp}: it must "
+                "divide num_experts and fsdp_size × tp_size, and be a multiple of tp_size"
+            )
+        if tp > 1 and (use_cpu or not torch.cuda.is_available()):
+            raise ValueError(
+                f"tp_size={tp} is not allowed on CPU: accelerate runs the Trainer with tensor parallel only on GPUs "
+                "(use fsdp_size / dp_replicate_size / ep_size on CPU)"
+            )
+        from transformers.distributed.configuration_utils import DistributedConfig
+
+        return DistributedConfig(**sizes)
+
+
 # ----------------------------------------------------------------------------------------- model building
 
 
-def build_model(model_args: ModelArguments, data_args: DataArguments, tokenizer) -> QwenMoeGBForCausalLM:
+def build_model(
+    model_args: ModelArguments, data_args: DataArguments, tokenizer, distributed_config=None
+) -> QwenMoeGBForCausalLM:
+    """The model to train; with a `DistributedConfig`, sharded at load time by transformers' engine (a preset is
+    initialised in this process, identically on every rank from the seed, then loaded from its state dict)."""
     vocab = tokenizer_vocab_size(tokenizer)
     kwargs = {"experts_implementation": model_args.experts_implementation} if model_args.experts_implementation else {}
+    if distributed_config is not None:
+        kwargs["distributed_config"] = distributed_config
     if model_args.model_name_or_path:
         model = QwenMoeGBForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
         for name, value in model_args.balance_fields().items():
@@ -135,7 +189,11 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, tokenizer)
         config = load_preset(model_args.preset, **model_args.balance_fields())
         if vocab > config.vocab_size:
             config.vocab_size = vocab
-        model = QwenMoeGBForCausalLM._from_config(config, **kwargs)
+        if distributed_config is None:
+            model = QwenMoeGBForCausalLM._from_config(config, **kwargs)
+        else:  # initialised here (the same on every rank: same seed), sharded as it loads
+            weights = QwenMoeGBForCausalLM._from_config(config).state_dict()
+            model = QwenMoeGBForCausalLM.from_pretrained(None, config=config, state_dict=weights, **kwargs)
     if data_args.seq_len > model.config.max_position_embeddings:
         raise ValueError(
             f"seq_len={data_args.seq_len} is above the model's max_position_embeddings="
@@ -166,14 +224,16 @@ def describe_data(data_args: DataArguments, packed) -> str:
 
 
 def pretrain(argv: list[str]) -> dict:
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=PRETRAIN_DEFAULTS + argv)
+    parser = HfArgumentParser((ModelArguments, DataArguments, ParallelArguments, TrainingArguments))
+    model_args, data_args, parallel_args, train_args = parser.parse_args_into_dataclasses(args=PRETRAIN_DEFAULTS + argv)
+    num_experts = _num_experts(model_args)
+    distributed_config = parallel_args.distributed_config(train_args.world_size, num_experts, train_args.use_cpu)
     set_seed(train_args.seed)
     tokenizer = load_tokenizer(data_args.tokenizer)
     corpus = data_args.corpus()
     train = pack_corpus(corpus, tokenizer, data_args.seq_len, "train")
     test = pack_corpus(corpus, tokenizer, data_args.seq_len, "test")
-    model = build_model(model_args, data_args, tokenizer)
+    model = build_model(model_args, data_args, tokenizer, distributed_config)
     weights = parse_weights(data_args.domain_weights, train.domains)
     micro_batches = train_args.max_steps * train_args.gradient_accumulation_steps * train_args.world_size
     batch = train_args.per_device_train_batch_size
@@ -194,15 +254,39 @@ def pretrain(argv: list[str]) -> dict:
     trainer.save_model(str(out_dir))
     if not trainer.is_world_process_zero():
         return {}
+    trained = trainer.model
+    if distributed_config is not None:  # the trained model is sharded over the ranks: evaluate the saved folder here
+        kwargs = (
+            {"experts_implementation": model_args.experts_implementation} if model_args.experts_implementation else {}
+        )
+        trained = QwenMoeGBForCausalLM.from_pretrained(out_dir, **kwargs)
     analysis.write_json({"log_history": trainer.state.log_history}, out_dir / "log_history.json")
     (tokenizer.to_hf() if isinstance(tokenizer, ByteTokenizer) else tokenizer).save_pretrained(out_dir)
     info = (out_dir / "data_info.json", corpus, train, data_args.tokenizer, data_args.data, train_args.world_size)
     save_data_info(*info)
-    result = evaluate_and_analyze(trainer.model, test, out_dir, data_args, f"{model.config.balance_scope} balance")
+    result = evaluate_and_analyze(trained, test, out_dir, data_args, f"{model.config.balance_scope} balance")
     write_model_card(out_dir, model.config, result["eval"], result["specialization"], describe_data(data_args, train))
     print(analysis.format_ppl_table(result["eval"]))
     print(f"specialization KL: {result['specialization']['specialization_kl']:.4f}   (files in {out_dir})")
     return result
 
 
-__all__ = ["PRETRAIN_DEFAULTS", "DataArguments", "ModelArguments", "build_model", "evaluate_and_analyze", "pretrain"]
+def _num_experts(model_args: ModelArguments) -> int:
+    """`num_experts` of the model to build, read from its config alone (before anything is loaded)."""
+    if model_args.model_name_or_path:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(model_args.model_name_or_path).num_experts
+    overrides = json.loads(model_args.config_overrides) if model_args.config_overrides else {}
+    return overrides.get("num_experts", load_preset(model_args.preset).num_experts)
+
+
+__all__ = [
+    "PRETRAIN_DEFAULTS",
+    "DataArguments",
+    "ModelArguments",
+    "ParallelArguments",
+    "build_model",
+    "evaluate_and_analyze",
+    "pretrain",
+]

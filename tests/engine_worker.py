@@ -112,6 +112,22 @@ def engine_resume(out: Path, rank: int) -> None:
     run("resume_fsdp_only", {"fsdp_size": 2}, resume=str(out / "resume_full" / "checkpoint-2"))
 
 
+def cli_engine(out: Path) -> None:
+    """`qwenmoe-gb pretrain --fsdp_size 2 --ep_size 2` from a preset, 4 steps with a checkpoint at 2; then the same
+    command resumed from that checkpoint into another folder."""
+    from modeling_qwenmoe_gb.pretraining import pretrain
+
+    flags = [
+        "--max_steps", "4", "--save_steps", "2", "--logging_steps", "2", "--synthetic_docs", "40", "--seq_len", "64",
+        "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--eval_max_sequences", "4",
+        "--use_cpu", "true", "--disable_tqdm", "true", "--aux_free", "true", "--fsdp_size", "2", "--ep_size", "2",
+        "--config_overrides", '{"num_hidden_layers": 2}',
+    ]  # fmt: skip
+    pretrain([*flags, "--output_dir", str(out / "cli_engine")])
+    resume = ["--resume_from_checkpoint", str(out / "cli_engine" / "checkpoint-2")]
+    pretrain([*flags, "--output_dir", str(out / "cli_engine_resumed"), *resume])
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     rank = int(os.environ["RANK"])
@@ -121,6 +137,7 @@ def main() -> None:
         engine_step(out, rank, name)
     engine_train_and_save(out, rank)
     engine_resume(out, rank)
+    cli_engine(out)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -110,6 +110,17 @@ def test_bad_input_fails_before_training(tmp_path):
     assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
 
 
+def test_bad_parallel_layout_fails_before_training(tmp_path):
+    """The native engine's sizes are checked against the world size (1 here) and the experts before anything runs."""
+    with pytest.raises(ValueError, match=r"fsdp_size=2 × dp_replicate_size=1 × tp_size=1 = 2 but the world size is 1"):
+        pretrain([*TINY, "--output_dir", str(tmp_path / "a"), "--fsdp_size", "2"])
+    with pytest.raises(ValueError, match="ep_size=3 is not allowed with num_experts=16"):
+        pretrain([*TINY, "--output_dir", str(tmp_path / "b"), "--ep_size", "3"])
+    with pytest.raises(ValueError, match="fsdp_size=0 is not allowed"):
+        pretrain([*TINY, "--output_dir", str(tmp_path / "c"), "--fsdp_size", "0"])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_bad_input_leaves_an_existing_run_untouched(run_dir):
     out, _ = run_dir
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}

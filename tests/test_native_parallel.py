@@ -148,3 +148,23 @@ def test_resume_on_another_layout(workdir):
         assert [e["step"] for e in other["logs"]] == [1, 2, 3, 4]
         for a, b in zip(other["logs"][2:], full["logs"][2:]):
             assert abs(a["loss"] - b["loss"]) < 1e-4 and abs(a["balance/global_lbl"] - b["balance/global_lbl"]) < 1e-4
+
+
+def test_cli_pretrain_on_the_engine_and_resume(workdir):
+    """`qwenmoe-gb pretrain --fsdp_size 2 --ep_size 2` under torchrun: trains, saves a normal folder, evaluates it;
+    resumed from its checkpoint-2, the same command ends with the same weights, bit for bit."""
+    from safetensors.torch import load_file
+
+    run, resumed = workdir / "cli_engine", workdir / "cli_engine_resumed"
+    for folder in (run, resumed):
+        assert {"model.safetensors", "eval.json", "specialization.json", "README.md"} <= {
+            p.name for p in folder.iterdir()
+        }
+        assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"].startswith(
+            "modeling_qwenmoe_gb."
+        )
+    weights, again = load_file(run / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert weights.keys() == again.keys()
+    for key, value in weights.items():
+        torch.testing.assert_close(again[key], value, rtol=0, atol=0, msg=key)
+    assert json.loads((run / "eval.json").read_text()) == json.loads((resumed / "eval.json").read_text())
