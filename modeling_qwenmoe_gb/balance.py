@@ -12,7 +12,10 @@ Features
   every rank) and resets the buffer. `register_step_hook(optimizer)` does that as an optimizer step pre-hook.
 - Sub-groups of a given size (`sync_group_size`) emulate "synchronise within a node" for a balance-BSZ sweep.
 - Metrics per optimizer step (per layer and mean): global and micro LBL, MaxVio global and micro (micro = the micro
-  scope's groups: chunks of `balance_group_size` sequences or the micro-batch), z-loss, bias spread.
+  scope's groups: chunks of `balance_group_size` sequences or the micro-batch), z-loss, bias spread, and MaxVio over
+  devices: `maxvio_device` from the global counts (devices = the expert-parallel ranks of a model sharded with EP,
+  else the virtual groups of `device_balance_groups`) and, under EP with `CountingAllToAllEP`,
+  `maxvio_device_delivered` from what the all-to-all delivered.
 
 Loss-scale rule (the same for every scope): the objective of one optimizer step is the mean, over data-parallel
 ranks × accumulation micro-steps, of the per-micro-batch balance loss. The loss a micro-step returns is therefore a
@@ -28,7 +31,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .modeling_qwenmoe_gb import RouterStats, _balance_fractions, balance_loss, group_sequences, micro_group_size
+from .expert_parallel import delivered_counts, reset_delivered_counts
+from .modeling_qwenmoe_gb import (
+    RouterStats,
+    _balance_fractions,
+    balance_loss,
+    group_matrix,
+    group_sequences,
+    micro_group_size,
+)
 
 
 def find_moe_model(model: nn.Module) -> nn.Module:
@@ -50,6 +61,15 @@ def data_parallel_group(model: nn.Module) -> dist.ProcessGroup | None:
     if mesh.size() == dist.get_world_size():
         return None
     return mesh._flatten().get_group()  # one flat group per (pp, tp) coordinate
+
+
+def device_groups(moe_model: nn.Module) -> list[list[int]] | None:
+    """The devices whose load `maxvio_device` measures: the expert-parallel ranks of a model sharded with EP (the
+    experts each holds), else the virtual groups of `device_balance_groups`; None when there is one device."""
+    groups = moe_model.expert_parallel_groups()
+    if len(groups) == 1 and moe_model.config.device_balance_groups is not None:
+        groups = moe_model.expert_groups()
+    return groups if len(groups) > 1 else None
 
 
 def max_violation(counts: torch.Tensor) -> torch.Tensor:
@@ -97,6 +117,10 @@ class GlobalBalancer:
         self.max_pending = max_pending
         self.moe_model = find_moe_model(model)
         self.config = self.moe_model.config
+        self.model = model
+        self.groups = self.moe_model.expert_groups() if self.config.device_balance_groups is not None else None
+        self.device_groups = device_groups(self.moe_model)
+        self.last_delivered_counts: torch.Tensor | None = None
         self.group = group if group is not None else data_parallel_group(model)
         if sync_group_size is not None:
             world = dist.get_world_size() if dist.is_initialized() else 1
@@ -137,7 +161,7 @@ class GlobalBalancer:
         counting = self.moe_model.training and torch.is_grad_enabled()
         global_counts = self.accumulate(stats) if counting else None
         use_global = self.config.balance_scope == "global" and global_counts is not None
-        loss, parts = balance_loss(self.config, stats, global_counts if use_global else None)
+        loss, parts = balance_loss(self.config, stats, global_counts if use_global else None, self.groups)
         if counting:
             self._record(stats, global_counts)
             if self.config.aux_free and self.bias_update == "micro":
@@ -195,6 +219,14 @@ class GlobalBalancer:
         counts = self.step_counts
         self._add("maxvio_global", max_violation(counts))
         self._last_step_counts = counts.clone()
+        if self.device_groups is not None:
+            matrix = group_matrix(self.device_groups, self.config.num_experts, counts.double())  # (E, D)
+            self._add("maxvio_device", max_violation(counts.double() @ matrix))
+            delivered = delivered_counts(self.model, self.config.num_experts)  # (L, E), summed over ranks
+            if delivered is not None:
+                self.last_delivered_counts = delivered
+                self._add("maxvio_device_delivered", max_violation(delivered.double() @ matrix))
+                reset_delivered_counts(self.model)
         if self.config.aux_free and self.bias_update == "global":
             self._update_biases(counts)
         bias = torch.stack([r.expert_bias for r in self.moe_model.moe_routers()])  # (L, E)
@@ -271,4 +303,11 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-__all__ = ["GlobalBalancer", "data_parallel_group", "find_moe_model", "max_violation", "per_layer_lbl"]
+__all__ = [
+    "GlobalBalancer",
+    "data_parallel_group",
+    "device_groups",
+    "find_moe_model",
+    "max_violation",
+    "per_layer_lbl",
+]

@@ -42,9 +42,11 @@ class QwenMoeGBConfig(Qwen2MoeConfig):
             sweep on one device). `None` = the whole micro-batch.
         micro_balance_coef (`float`, *optional*, defaults to 0.0):
             Coefficient of an extra micro-batch expert-level loss added on top of the global one (paper Table 5).
-        device_balance_groups (`int` or `list[list[int]]`, *optional*):
+        device_balance_groups (`int`, `list[list[int]]` or `"ep"`, *optional*):
             Device-level balance loss (DeepSeek-V2): `None` (off), an int D (D equal contiguous groups; D must divide
-            `num_experts`), or an explicit partition of all experts as lists of expert indices.
+            `num_experts`), an explicit partition of all experts as lists of expert indices, or `"ep"`: group i = the
+            experts that expert-parallel rank i holds, read from the loaded model (`QwenMoeGBModel.expert_groups()`;
+            one group when the model is not expert-parallel).
         device_balance_coef (`float`, *optional*, defaults to 0.001):
             Coefficient of the device-level loss (used only when `device_balance_groups` is set).
         router_z_loss_coef (`float`, *optional*, defaults to 0.0):
@@ -71,7 +73,7 @@ class QwenMoeGBConfig(Qwen2MoeConfig):
     balance_scope: str = "global"
     balance_group_size: int | None = None
     micro_balance_coef: float = 0.0
-    device_balance_groups: int | list | None = None
+    device_balance_groups: int | list | str | None = None
     device_balance_coef: float = 0.001
     router_z_loss_coef: float = 0.0
     aux_free: bool = False
@@ -120,10 +122,16 @@ class QwenMoeGBConfig(Qwen2MoeConfig):
         self.device_balance_groups = _normalise_groups(self.device_balance_groups, self.num_experts)
 
     def expert_groups(self) -> list[list[int]] | None:
-        """`device_balance_groups` as an explicit partition (list of expert-index lists), or None."""
+        """`device_balance_groups` as an explicit partition (list of expert-index lists), or None. `"ep"` depends on
+        how the model was sharded: ask the model (`QwenMoeGBModel.expert_groups()`)."""
         groups = self.device_balance_groups
         if groups is None:
             return None
+        if groups == "ep":
+            raise ValueError(
+                "device_balance_groups='ep' is read from the loaded model's expert-parallel sharding: use "
+                "QwenMoeGBModel.expert_groups() (the model and the balancer do)"
+            )
         if isinstance(groups, int):
             size = self.num_experts // groups
             return [list(range(d * size, (d + 1) * size)) for d in range(groups)]
@@ -172,8 +180,8 @@ def _check_int(name: str, value: object, minimum: int) -> None:
 
 def _normalise_groups(groups: object, num_experts: int) -> int | list[list[int]] | None:
     """Validate `device_balance_groups`; return it unchanged (int) or as a list of sorted int lists."""
-    if groups is None:
-        return None
+    if groups is None or groups == "ep":
+        return groups
     if isinstance(groups, int) and not isinstance(groups, bool):
         if groups < 1 or num_experts % groups != 0:
             raise ValueError(f"device_balance_groups={groups} must be a positive divisor of num_experts={num_experts}")
@@ -181,7 +189,7 @@ def _normalise_groups(groups: object, num_experts: int) -> int | list[list[int]]
     if not isinstance(groups, (list, tuple)) or not all(isinstance(g, (list, tuple)) and g for g in groups):
         raise ValueError(
             f"device_balance_groups={groups!r} is not allowed: None, an int dividing num_experts, "
-            "or a list of non-empty lists of expert indices"
+            "a list of non-empty lists of expert indices, or 'ep'"
         )
     flat = [i for g in groups for i in g]
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in flat) or sorted(flat) != list(

@@ -214,12 +214,14 @@ def balance_loss(
     config: QwenMoeGBConfig,
     stats: RouterStats,
     global_counts: torch.Tensor | None = None,
+    groups: list[list[int]] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The configured balance losses for one micro-batch, weighted and summed, plus the unweighted parts.
 
     `global_counts` (L, E): counts of the whole step so far (all-reduced over data-parallel ranks and buffered over
     micro-steps), used for f when `config.balance_scope == "global"`; without it the global scope falls back to the
-    micro-batch (exact for one process and no accumulation). P is always local.
+    micro-batch (exact for one process and no accumulation). P is always local. `groups`: the device-level partition
+    (default `config.expert_groups()`; the model passes its own, which resolves `"ep"`).
     Parts: `lbl` (expert-level, at the configured scope), `micro_lbl` (at the micro grouping: chunks of
     `balance_group_size` sequences, or the whole micro-batch), `device_lbl`, `z_loss`.
     """
@@ -241,7 +243,8 @@ def balance_loss(
     total = config.router_aux_loss_coef * parts["lbl"]
     if config.micro_balance_coef > 0 and config.balance_scope == "global":
         total = total + config.micro_balance_coef * parts["micro_lbl"]
-    groups = config.expert_groups()
+    if groups is None and config.device_balance_groups is not None:
+        groups = config.expert_groups()
     if groups is not None:
         parts["device_lbl"] = device_balance_loss(f_counts, scoped.prob_sums, scoped.num_tokens, k, groups, f_tokens)
         total = total + config.device_balance_coef * parts["device_lbl"]
@@ -462,6 +465,21 @@ class QwenMoeGBModel(QwenMoeGBPreTrainedModel):
         """The routers of the sparse layers, in layer order (the L of `router_stats`)."""
         return [layer.mlp.gate for layer in self.layers if isinstance(layer.mlp, QwenMoeGBSparseMoeBlock)]
 
+    def expert_parallel_groups(self) -> list[list[int]]:
+        """The experts each expert-parallel rank holds in this loaded model: transformers' expert parallel gives rank r
+        the contiguous block of `experts.num_experts` (which it sets to the local count) experts starting at r × that
+        count. One group without expert parallel."""
+        blocks = [layer.mlp.experts for layer in self.layers if isinstance(layer.mlp, QwenMoeGBSparseMoeBlock)]
+        local = blocks[0].num_experts if blocks else self.config.num_experts
+        return [list(range(r * local, (r + 1) * local)) for r in range(self.config.num_experts // local)]
+
+    def expert_groups(self) -> list[list[int]] | None:
+        """The partition the device-level loss balances: the config's, or for `device_balance_groups="ep"`
+        `expert_parallel_groups()`."""
+        if self.config.device_balance_groups == "ep":
+            return self.expert_parallel_groups()
+        return self.config.expert_groups()
+
     @capture_outputs
     def forward(
         self,
@@ -576,7 +594,8 @@ class QwenMoeGBForCausalLM(QwenMoeGBPreTrainedModel, GenerationMixin):
 
         aux_loss = balance = None  # as in transformers: computed for a loss, or on request (output_router_logits)
         if outputs.router_stats is not None and (labels is not None or output_router_logits):
-            balance, parts = balance_loss(self.config, outputs.router_stats)
+            groups = self.model.expert_groups() if self.config.device_balance_groups is not None else None
+            balance, parts = balance_loss(self.config, outputs.router_stats, groups=groups)
             aux_loss = parts["lbl"]
         loss = None
         if labels is not None:

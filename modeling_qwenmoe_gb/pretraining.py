@@ -62,7 +62,7 @@ class ModelArguments:
     router_aux_loss_coef: float = field(default=0.1, metadata={"help": "expert-level LBL coefficient"})
     micro_balance_coef: float = field(default=0.0, metadata={"help": "extra micro LBL on top of global"})
     balance_group_size: int | None = field(default=None, metadata={"help": "micro scope over chunks of b sequences"})
-    device_balance_groups: str | None = field(default=None, metadata={"help": "D, or a JSON partition of experts"})
+    device_balance_groups: str | None = field(default=None, metadata={"help": "D, a JSON partition, or 'ep'"})
     device_balance_coef: float = field(default=0.001, metadata={"help": "device-level LBL coefficient"})
     router_z_loss_coef: float = field(default=0.0, metadata={"help": "router z-loss coefficient"})
     aux_free: bool = field(default=False, metadata={"help": "auxiliary-loss-free bias balancing"})
@@ -77,7 +77,7 @@ class ModelArguments:
 
     def balance_fields(self) -> dict:
         groups = self.device_balance_groups
-        if groups is not None:
+        if groups is not None and groups != "ep":
             groups = json.loads(groups)
         fields = {
             "balance_scope": self.balance_scope,
@@ -160,7 +160,10 @@ class ParallelArguments:
             )
         from transformers.distributed.configuration_utils import DistributedConfig
 
-        return DistributedConfig(**sizes)
+        from .expert_parallel import COUNTED_ALL_TO_ALL
+
+        extra = {"ep_implementation": COUNTED_ALL_TO_ALL} if ep > 1 else {}  # all-to-all that counts its deliveries
+        return DistributedConfig(**sizes, **extra)
 
 
 # ----------------------------------------------------------------------------------------- model building

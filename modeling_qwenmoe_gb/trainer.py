@@ -221,6 +221,7 @@ class GlobalBalanceMixin:
         else:
             super()._save_optimizer_and_scheduler(output_dir)
         state = {"balancer": self.balancer.state_dict(), "ce_sum": self._ce_sum, "ce_steps": self._ce_steps}
+        os.makedirs(output_dir, exist_ok=True)  # every rank writes its own file, maybe before rank 0 made the folder
         torch.save(state, os.path.join(output_dir, BALANCE_STATE_FILE.format(rank=self.args.process_index)))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:

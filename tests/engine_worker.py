@@ -17,15 +17,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from modeling_qwenmoe_gb import QwenMoeGBForCausalLM  # noqa: E402
 from modeling_qwenmoe_gb.balance import GlobalBalancer  # noqa: E402
+from modeling_qwenmoe_gb.expert_parallel import COUNTED_ALL_TO_ALL  # noqa: E402
 from tests.dist_common import batch_for  # noqa: E402
 
-# name -> (DistributedConfig sizes, balance scope, accumulation steps, do the two ranks hold distinct data)
+COUNTED = {"ep_implementation": COUNTED_ALL_TO_ALL}
+# name -> (DistributedConfig arguments, balance scope, accumulation steps, do the two ranks hold distinct data,
+#          device_balance_groups)
 STEPS = {
-    "fsdp2_global": ({"fsdp_size": 2}, "global", 1, True),
-    "fsdp2_ep2_global_accum2": ({"fsdp_size": 2, "ep_size": 2}, "global", 2, True),
-    "fsdp2_ep2_micro": ({"fsdp_size": 2, "ep_size": 2}, "micro", 1, True),
-    "dp_replicate2_global": ({"dp_replicate_size": 2}, "global", 1, True),
-    "tp2_global": ({"tp_size": 2}, "global", 1, False),
+    "fsdp2_global": ({"fsdp_size": 2}, "global", 1, True, None),
+    "fsdp2_ep2_global_accum2": ({"fsdp_size": 2, "ep_size": 2}, "global", 2, True, None),
+    "fsdp2_ep2_micro": ({"fsdp_size": 2, "ep_size": 2}, "micro", 1, True, None),
+    "dp_replicate2_global": ({"dp_replicate_size": 2}, "global", 1, True, None),
+    "tp2_global": ({"tp_size": 2}, "global", 1, False, None),
+    "fsdp2_ep2_device_ep": ({"fsdp_size": 2, "ep_size": 2, **COUNTED}, "global", 2, True, "ep"),
 }
 
 
@@ -41,8 +45,8 @@ def load(out: Path, sizes: dict, **config) -> QwenMoeGBForCausalLM:
 
 def engine_step(out: Path, rank: int, name: str) -> None:
     """One optimizer step of a plain loop with the balancer: counts buffer per micro-step, gradients, aux-free bias."""
-    sizes, scope, accumulation, distinct = STEPS[name]
-    model = load(out, sizes, balance_scope=scope).train()
+    sizes, scope, accumulation, distinct, groups = STEPS[name]
+    model = load(out, sizes, balance_scope=scope, device_balance_groups=groups).train()
     balancer = GlobalBalancer(model)
     buffers = []
     for micro in range(accumulation):
@@ -54,7 +58,10 @@ def engine_step(out: Path, rank: int, name: str) -> None:
     balancer.step()
     grads = {n: full(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None}
     biases = torch.stack([r.expert_bias.clone() for r in model.model.moe_routers()])
-    torch.save({"buffers": buffers, "grads": grads, "biases": biases}, out / f"{name}_rank{rank}.pt")
+    seen = {"buffers": buffers, "grads": grads, "biases": biases, "groups": balancer.groups}
+    seen.update(step_counts=balancer._last_step_counts, delivered=balancer.last_delivered_counts)
+    seen["metrics"] = balancer.pop_metrics()
+    torch.save(seen, out / f"{name}_rank{rank}.pt")
 
 
 def engine_train_and_save(out: Path, rank: int) -> None:
@@ -121,6 +128,7 @@ def cli_engine(out: Path) -> None:
         "--max_steps", "4", "--save_steps", "2", "--logging_steps", "2", "--synthetic_docs", "40", "--seq_len", "64",
         "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--eval_max_sequences", "4",
         "--use_cpu", "true", "--disable_tqdm", "true", "--aux_free", "true", "--fsdp_size", "2", "--ep_size", "2",
+        "--device_balance_groups", "ep",
         "--config_overrides", '{"num_hidden_layers": 2}',
     ]  # fmt: skip
     pretrain([*flags, "--output_dir", str(out / "cli_engine")])

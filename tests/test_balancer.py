@@ -197,3 +197,23 @@ def test_state_dict_carries_the_metrics_of_an_unfinished_logging_window():
         router.expert_bias.copy_(bias)
     run(fresh, [2])
     assert fresh.pop_metrics() != expected  # without the state, the window would start over
+
+
+def test_device_maxvio_of_virtual_groups_and_ep_without_expert_parallel():
+    """`balance/maxvio_device` over virtual groups (no EP) equals a float64 recomputation from the step's counts;
+    `device_balance_groups="ep"` on a model that is not expert-parallel is one group (no device metric)."""
+    model = QwenMoeGBForCausalLM(make_config(device_balance_groups=[[0, 5], [1, 2, 3], [4, 6, 7]])).train()
+    balancer = GlobalBalancer(model)
+    ids = batch_for(step=0, rank=0)
+    balancer(model(input_ids=ids, labels=ids, add_balance_loss=False).router_stats)
+    counts = balancer.step_counts.double().clone()
+    balancer.step()
+    metrics = balancer.pop_metrics()
+    loads = torch.stack([counts[:, [0, 5]].sum(-1), counts[:, [1, 2, 3]].sum(-1), counts[:, [4, 6, 7]].sum(-1)], -1)
+    expected = (loads.amax(-1) - loads.mean(-1)) / loads.mean(-1)
+    for layer in range(2):
+        assert metrics[f"balance/maxvio_device/layer_{layer}"] == pytest.approx(float(expected[layer]), abs=1e-12)
+    assert "balance/maxvio_device_delivered" not in metrics  # no expert parallel: nothing was dispatched
+    ep_model = QwenMoeGBForCausalLM(make_config(device_balance_groups="ep"))
+    assert ep_model.model.expert_groups() == [list(range(8))]
+    assert GlobalBalancer(ep_model).device_groups is None

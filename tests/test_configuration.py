@@ -41,6 +41,10 @@ def test_groups_normalised_and_expanded():
     explicit = tiny_config(device_balance_groups=[[7, 0, 1], [2, 3, 4, 5, 6]])
     assert explicit.device_balance_groups == [[0, 1, 7], [2, 3, 4, 5, 6]]
     assert tiny_config().expert_groups() is None
+    ep = tiny_config(device_balance_groups="ep")  # resolved by the loaded model, not by the config
+    assert ep.device_balance_groups == "ep"
+    with pytest.raises(ValueError, match="read from the loaded model"):
+        ep.expert_groups()
 
 
 def test_config_round_trip(tmp_path):

@@ -41,10 +41,11 @@ def workdir(tmp_path_factory):
     return out
 
 
-def reference_step(out: Path, scope: str, accumulation: int, ranks: int) -> dict:
+def reference_step(out: Path, scope: str, accumulation: int, ranks: int, groups=None) -> dict:
     """One process: the data of `ranks` ranks × `accumulation` micro-steps, each rank's loss with the counts of every
     rank's micro-steps so far (global scope), averaged over ranks and micro-steps."""
-    model = QwenMoeGBForCausalLM.from_pretrained(out / "ckpt", balance_scope=scope).train()
+    model = QwenMoeGBForCausalLM.from_pretrained(out / "ckpt", balance_scope=scope, device_balance_groups=groups)
+    model.train()
     running, buffers = torch.zeros(2, 8, dtype=torch.long), []
     for micro in range(accumulation):
         batches = [batch_for(step=micro, rank=r) for r in range(ranks)]
@@ -64,8 +65,10 @@ def reference_step(out: Path, scope: str, accumulation: int, ranks: int) -> dict
 def test_engine_step_equals_one_process(workdir, name):
     """Counts buffer per micro-step (exact; a TP group counts its shared batch once), every gradient, and the aux-free
     bias (identical on both ranks) equal one process on the same data."""
-    _, scope, accumulation, distinct = STEPS[name]
-    expected = reference_step(workdir, scope, accumulation, ranks=2 if distinct else 1)
+    _, scope, accumulation, distinct, groups = STEPS[name]
+    ep_blocks = [[0, 1, 2, 3], [4, 5, 6, 7]]  # what EP rank 0 and 1 hold: the one-process reference's explicit groups
+    reference_groups = ep_blocks if groups == "ep" else groups
+    expected = reference_step(workdir, scope, accumulation, ranks=2 if distinct else 1, groups=reference_groups)
     seen = [torch.load(workdir / f"{name}_rank{rank}.pt") for rank in range(2)]
     for rank_seen in seen:
         for got, want in zip(rank_seen["buffers"], expected["buffers"]):
@@ -75,6 +78,24 @@ def test_engine_step_equals_one_process(workdir, name):
             torch.testing.assert_close(grad, expected["grads"][param], rtol=1e-4, atol=1e-6, msg=param)
         torch.testing.assert_close(rank_seen["biases"], expected["biases"], rtol=0, atol=1e-9)
     torch.testing.assert_close(seen[0]["biases"], seen[1]["biases"], rtol=0, atol=0)
+    if groups == "ep":
+        assert seen[0]["groups"] == seen[1]["groups"] == ep_blocks  # read from the loaded model's sharding
+
+
+def test_device_maxvio_from_the_all_to_all_equals_the_one_from_the_counts(workdir):
+    """Under FSDP2 + EP with the counting all-to-all: every (token, expert) pair the router chose was delivered once
+    (delivered counts == global counts, exactly), and MaxVio over the EP ranks measured from the deliveries equals the
+    one from the counts, per layer; both equal a float64 recomputation."""
+    for rank in range(2):
+        seen = torch.load(workdir / f"fsdp2_ep2_device_ep_rank{rank}.pt")
+        torch.testing.assert_close(seen["delivered"], seen["step_counts"], rtol=0, atol=0)
+        loads = seen["step_counts"].double().view(2, 2, 4).sum(-1)  # (L, EP ranks)
+        expected = (loads.amax(-1) - loads.mean(-1)) / loads.mean(-1)
+        for layer in range(2):
+            measured = seen["metrics"][f"balance/maxvio_device_delivered/layer_{layer}"]
+            assert measured == pytest.approx(seen["metrics"][f"balance/maxvio_device/layer_{layer}"], abs=1e-12)
+            assert measured == pytest.approx(float(expected[layer]), abs=1e-12)
+        assert seen["metrics"]["balance/maxvio_device"] > 0
 
 
 def test_global_and_micro_steps_differ(workdir):
@@ -168,3 +189,7 @@ def test_cli_pretrain_on_the_engine_and_resume(workdir):
     for key, value in weights.items():
         torch.testing.assert_close(again[key], value, rtol=0, atol=0, msg=key)
     assert json.loads((run / "eval.json").read_text()) == json.loads((resumed / "eval.json").read_text())
+    logs = [e for e in json.loads((run / "log_history.json").read_text())["log_history"] if "loss" in e]
+    assert len(logs) == 2  # --device_balance_groups ep: device MaxVio from the counts and from the all-to-all
+    for entry in logs:
+        assert entry["balance/maxvio_device_delivered"] == pytest.approx(entry["balance/maxvio_device"], abs=1e-12)

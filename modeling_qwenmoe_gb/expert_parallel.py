@@ -1,0 +1,71 @@
+"""Expert parallel on transformers' engine: what the all-to-all actually delivers to each rank.
+
+Features
+- `COUNTED_ALL_TO_ALL` (`"qwenmoe_gb_all_to_all"`): transformers' `AllToAllEP` token dispatch, registered in
+  `EPImplementationInterface` under its own name, which also counts, per local expert, the (token, expert) pairs the
+  all-to-all delivered to this rank in training (`experts.delivered_counts`, int64). `qwenmoe-gb pretrain --ep_size N`
+  selects it; elsewhere pass `DistributedConfig(ep_size=N, ep_implementation=COUNTED_ALL_TO_ALL)`.
+- `delivered_counts(model)`: the (L, E) counts delivered to every expert since the last reset, summed over all ranks
+  (one all-reduce), or None when the model does not count; `reset_delivered_counts(model)`.
+
+The balancer compares these with the router's global counts: the device-level MaxVio measured from the all-to-all
+(`balance/maxvio_device_delivered`) against the one computed from the counts (`balance/maxvio_device`).
+"""
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers.distributed.expert_parallel import AllToAllEP, EPImplementationInterface
+
+COUNTED_ALL_TO_ALL = "qwenmoe_gb_all_to_all"
+
+
+class CountingAllToAllEP(AllToAllEP):
+    """transformers' all-to-all dispatch; in training it adds the rows each local expert received to
+    `experts.delivered_counts` (num_local_experts,) and records the block offset (`experts.delivered_offset`)."""
+
+    def __init__(self, experts: nn.Module, ep_mesh, tp_mesh):
+        super().__init__(experts, ep_mesh, tp_mesh)
+        experts.delivered_counts = torch.zeros(self.num_local_experts, dtype=torch.long)
+        experts.delivered_offset = ep_mesh.get_local_rank() * self.num_local_experts
+        self.experts = experts
+
+    def _dispatch_tokens(self, hidden_states, top_k_index, top_k_weights):
+        tokens, expert_ids, weights, state = super()._dispatch_tokens(hidden_states, top_k_index, top_k_weights)
+        if torch.is_grad_enabled():  # training forwards only, as the balancer counts
+            received = torch.bincount(expert_ids.view(-1), minlength=self.num_local_experts)  # (local E,)
+            counts = self.experts.delivered_counts
+            self.experts.delivered_counts = counts.to(received.device) + received
+        return tokens, expert_ids, weights, state
+
+
+EPImplementationInterface.register(COUNTED_ALL_TO_ALL, CountingAllToAllEP)
+
+
+def _counting_experts(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "delivered_counts") and hasattr(m, "delivered_offset")]
+
+
+@torch.no_grad()
+def delivered_counts(model: nn.Module, num_experts: int) -> torch.Tensor | None:
+    """(L, E) int64: the (token, expert) pairs the all-to-all delivered to each expert of each MoE layer since the last
+    reset, summed over every rank (each pair is delivered once), or None without `CountingAllToAllEP`."""
+    experts = _counting_experts(model)
+    if not experts:
+        return None
+    device = experts[0].delivered_counts.device
+    counts = torch.zeros(len(experts), num_experts, dtype=torch.long, device=device)  # (L, E)
+    for layer, module in enumerate(experts):
+        local = module.delivered_counts
+        counts[layer, module.delivered_offset : module.delivered_offset + local.numel()] = local
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(counts)
+    return counts
+
+
+def reset_delivered_counts(model: nn.Module) -> None:
+    for module in _counting_experts(model):
+        module.delivered_counts = torch.zeros_like(module.delivered_counts)
+
+
+__all__ = ["COUNTED_ALL_TO_ALL", "CountingAllToAllEP", "delivered_counts", "reset_delivered_counts"]
