@@ -7,7 +7,11 @@ Features
   chunks of b sequences: the balance-BSZ sweep on one device), `global` (whole step, + accumulation buffer),
   `global+micro` (global + `micro_balance_coef` × micro, paper Table 5), `auxfree-micro` / `auxfree-global` (aux-free
   bias moved per micro-batch from local counts / per step from global counts), `micro->global` / `global->micro`
-  (scope switched at `switch_step`, paper Table 3).
+  (scope switched at `switch_step`, paper Table 3), `global+device` (global + the device-level loss over the
+  expert-parallel ranks, `device_balance_groups="ep"`, coefficient `arm_device_balance_coef`).
+- Runs under `torchrun` with transformers' engine flags (`--fsdp_size 2 --ep_size 2`): every rank trains each arm,
+  rank 0 writes the report. Under EP the report adds the load over devices: MaxVio over the EP ranks from the global
+  counts and from what the all-to-all delivered.
 - Several seeds per arm, reported as mean ± standard deviation; the difference from `micro` per seed.
 - A markdown report (per-domain and average PPL, Δ vs micro, specialization KL, max expert frequency, MaxVio global and
   micro during training) and PNGs: PPL against balance BSZ (Figure 2), micro vs global heatmaps (Figure 1b), LBL and
@@ -19,6 +23,7 @@ Every flag that is not a compare flag goes to `qwenmoe-gb pretrain` (TrainingArg
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 from dataclasses import dataclass, field
@@ -48,6 +53,7 @@ class CompareArguments:
     out: str = field(default="runs/compare", metadata={"help": "output folder of the runs and the report"})
     domain_chunk: int = field(default=2, metadata={"help": "sequences per domain-pure chunk (the micro batch)"})
     arm_micro_balance_coef: float = field(default=0.01, metadata={"help": "micro coefficient of global+micro"})
+    arm_device_balance_coef: float = field(default=0.1, metadata={"help": "device coefficient of global+device"})
     switch_step: int | None = field(default=None, metadata={"help": "step of the scope switch (default: half)"})
     report_only: bool = field(default=False, metadata={"help": "skip training: rebuild the report from the runs"})
 
@@ -60,6 +66,8 @@ def arm_flags(arm: str, args: CompareArguments, max_steps: int) -> list[str]:
         "global": ["--balance_scope", "global", "--balance_group_size", str(args.domain_chunk)],
         "global+micro": ["--balance_scope", "global", "--micro_balance_coef", str(args.arm_micro_balance_coef),
                          "--balance_group_size", str(args.domain_chunk)],
+        "global+device": ["--balance_scope", "global", "--balance_group_size", str(args.domain_chunk),
+                          "--device_balance_groups", "ep", "--device_balance_coef", str(args.arm_device_balance_coef)],
         "auxfree-micro": ["--aux_free", "true", "--router_aux_loss_coef", "0", "--aux_free_update", "micro"],
         "auxfree-global": ["--aux_free", "true", "--router_aux_loss_coef", "0", "--aux_free_update", "global"],
         "micro->global": ["--balance_scope", "micro", "--balance_group_size", str(args.domain_chunk),
@@ -80,7 +88,7 @@ def balance_bsz(arm: str, args: CompareArguments, batch: int, world: int, accumu
         return args.domain_chunk
     if arm.startswith("bsz"):
         return int(arm[3:])
-    if arm == "global":
+    if arm in ("global", "global+device"):
         return batch * world * accumulation
     return None
 
@@ -121,6 +129,10 @@ def summarize(runs: dict[str, dict[int, dict]], bsz: dict[str, int | None]) -> d
             "maxvio_global": [_training_mean(r["history"], "balance/maxvio_global") for r in seeds.values()],
             "maxvio_micro": [_training_mean(r["history"], "balance/maxvio_micro") for r in seeds.values()],
         }
+        for key in ("maxvio_device", "maxvio_device_delivered"):  # devices: EP ranks (or virtual groups)
+            values = [_training_mean(r["history"], f"balance/{key}") for r in seeds.values()]
+            if not any(v != v for v in values):  # logged in every run (no NaN)
+                row[key] = values
         if "micro" in runs:
             row["delta_vs_micro"] = [
                 r["eval"]["average_ppl"] - runs["micro"][s]["eval"]["average_ppl"] for s, r in seeds.items()
@@ -131,8 +143,11 @@ def summarize(runs: dict[str, dict[int, dict]], bsz: dict[str, int | None]) -> d
 
 def report_markdown(summary: dict, command: str, seeds: list[int]) -> str:
     domains = list(next(iter(summary.values()))["domain_ppl"])
+    device = all("maxvio_device" in row for row in summary.values())
+    delivered = all("maxvio_device_delivered" in row for row in summary.values())
     head = ["arm", "balance BSZ", "avg PPL", "Δ vs micro", *[f"PPL {d}" for d in domains], "spec. KL",
             "max expert freq", "MaxVio global", "MaxVio micro"]  # fmt: skip
+    head += ["MaxVio device"] * device + ["MaxVio device (all-to-all)"] * delivered
     lines = [
         "# QwenMoE-GB: micro vs global balance",
         "",
@@ -155,18 +170,24 @@ def report_markdown(summary: dict, command: str, seeds: list[int]) -> str:
             _fmt(row["max_freq"]),
             _fmt(row["maxvio_global"]),
             _fmt(row["maxvio_micro"]),
+            *([_fmt(row["maxvio_device"])] if device else []),
+            *([_fmt(row["maxvio_device_delivered"])] if delivered else []),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
         "Δ vs micro: average PPL minus the micro arm's, per seed (negative = better than micro). spec. KL: "
         "I(domain; expert), the mean KL of each domain's expert distribution from the mixture's. MaxVio: mean over "
-        "training logs of (max load − mean load) / mean load, global = whole step, micro = each micro-batch.",
+        "training logs of (max load − mean load) / mean load, global = whole step, micro = each micro-batch, device = "
+        "the tokens each expert-parallel rank receives in a step (from the global counts, and as the all-to-all "
+        "delivered them).",
         "",
         "![PPL against balance BSZ](ppl_vs_balance_bsz.png)",
         "![micro vs global heatmaps](heatmaps_micro_vs_global.png)",
         "![LBL and CE curves](curves.png)",
     ]
+    if device:
+        lines.append("![load over devices, specialization and PPL](device_load.png)")
     return "\n".join(lines) + "\n"
 
 
@@ -199,6 +220,19 @@ def plot_figures(summary: dict, runs: dict, out: Path) -> None:
             ax.set_xlabel("expert")
             ax.set_title(f"{arm}: last MoE layer, KL {spec['specialization_kl']:.3f}")
         fig.savefig(out / "heatmaps_micro_vs_global.png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+
+    if all("maxvio_device" in row for row in summary.values()):
+        key = "maxvio_device_delivered" if all("maxvio_device_delivered" in r for r in summary.values()) else None
+        panels = [(key or "maxvio_device", "MaxVio over devices"), ("kl", "specialization KL"), ("avg_ppl", "avg PPL")]
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+        names = list(summary)
+        for ax, (field_name, title) in zip(axes, panels):
+            stats = [_mean_std(summary[a][field_name]) for a in names]
+            ax.bar(range(len(names)), [m for m, _ in stats], yerr=[e for _, e in stats], capsize=3, color="tab:blue")
+            ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
+            ax.set_title(title, fontsize=9)
+        fig.savefig(out / "device_load.png", dpi=110, bbox_inches="tight")
         plt.close(fig)
 
     fig, (ax_lbl, ax_ce) = plt.subplots(1, 2, figsize=(10, 3.5))
@@ -234,6 +268,7 @@ def compare(argv: list[str]) -> dict:
     flags = {arm: arm_flags(arm, args, max_steps) for arm in arms}  # validates every arm before training
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    main_process = int(os.environ.get("RANK", "0")) == 0  # torchrun's rank (the group starts in the first run)
     runs: dict[str, dict[int, dict]] = {}
     for arm in arms:
         for seed in seeds:
@@ -241,7 +276,10 @@ def compare(argv: list[str]) -> dict:
             common = ["--domain_chunk", str(args.domain_chunk), "--seed", str(seed), "--output_dir", str(run_dir)]
             if not args.report_only:
                 pretrain(rest + flags[arm] + common)
-            runs.setdefault(arm, {})[seed] = collect(run_dir)
+            if main_process:  # rank 0 writes the run's files; the other ranks go on to the next run
+                runs.setdefault(arm, {})[seed] = collect(run_dir)
+    if not main_process:
+        return {}
 
     batch, accumulation = last("--per_device_train_batch_size", "8"), last("--gradient_accumulation_steps", "1")
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
