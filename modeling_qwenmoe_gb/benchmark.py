@@ -3,6 +3,7 @@ with their own aux loss, on the identical config and weights; eager and grouped_
 
     python scripts/benchmark.py --preset demo --batch 8 --seq 256 --steps 10 --out bench.json
     torchrun --nproc_per_node 2 scripts/benchmark.py --distributed ...   # all-reduce cost with 2 processes
+    torchrun --nproc_per_node 2 scripts/benchmark.py --models "" --paired_layouts fsdp,fsdp+ep   # EP vs FSDP2, paired
 
 Measures tokens/s, step time (forward + backward + SGD step), peak memory (CUDA: the allocator's peak; CPU: the peak of
 live tensors from torch's MemTracker), ops per step, activations saved for backward, and MFU. FLOPs per token (training,
@@ -149,8 +150,15 @@ def _backward_and_step(model, balancer, loss: torch.Tensor) -> None:
 
 
 def _synchronizer(device: torch.device):
-    """Waits for the device's queued work before a clock is read (a no-op on CPU)."""
-    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    """Waits for the device's queued work before a clock is read (a no-op on CPU); called with an elapsed time, waits
+    and returns it."""
+
+    def sync(elapsed: float | None = None) -> float | None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return elapsed
+
+    return sync
 
 
 class _OpCounter(TorchDispatchMode):
@@ -263,8 +271,13 @@ def paired_ratio(
     flipped every pair), so drift of the machine cancels. Returns the median of the per-pair ratios B/A, its
     interquartile range and the number of pairs."""
     built = [build(name, config, impl, device, dtype, state, compiled) for name in arms]
+    result = _alternate(built, batches, steps, warmup, _synchronizer(device))
+    return {"arms": list(arms), "experts_implementation": impl, "compile": compiled, **result}
+
+
+def _alternate(built: list, batches, steps: int, warmup: int, sync) -> dict:
+    """Alternate training steps of two (model, balancer) pairs; the median and IQR of the per-pair time ratios B/A."""
     optimizers = [torch.optim.SGD(model.parameters(), lr=1e-4) for model, _ in built]
-    sync = _synchronizer(device)
     ratios = []
     for i in range(warmup + steps):
         ids, times = batches[i % len(batches)], [0.0, 0.0]
@@ -272,13 +285,52 @@ def paired_ratio(
             sync()
             start = time.perf_counter()
             _train_step(*built[j], optimizers[j], ids)
-            sync()
-            times[j] = time.perf_counter() - start
+            times[j] = sync(time.perf_counter() - start)
         if i >= warmup:
             ratios.append(times[1] / times[0])
     q = torch.tensor(ratios, dtype=torch.float64).quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
-    return {"arms": list(arms), "experts_implementation": impl, "compile": compiled, "ratio": float(q[1]),
-            "iqr": [float(q[0]), float(q[2])], "pairs": len(ratios)}  # fmt: skip
+    return {"ratio": float(q[1]), "iqr": [float(q[0]), float(q[2])], "pairs": len(ratios)}
+
+
+# transformers' engine layouts on the torchrun world (size w) that `--paired_layouts` compares
+ENGINE_LAYOUTS = {
+    "fsdp": lambda w: {"fsdp_size": w},
+    "fsdp+ep": lambda w: {"fsdp_size": w, "ep_size": w},
+}
+
+
+def engine_paired_ratio(layouts: tuple, config, impl: str, state, batches, steps: int, warmup: int) -> dict:
+    """Step time of engine layout B over A (e.g. FSDP2 + EP over FSDP2) under torchrun, measured in pairs like
+    `paired_ratio`; a step's time is the slowest rank's (ranks meet at a barrier before each step)."""
+    import torch.distributed as dist
+    from transformers.distributed.configuration_utils import DistributedConfig
+
+    from .expert_parallel import COUNTED_ALL_TO_ALL
+
+    world = dist.get_world_size()
+    unknown = [name for name in layouts if name not in ENGINE_LAYOUTS]
+    if len(layouts) != 2 or unknown:
+        raise ValueError(f"--paired_layouts={','.join(layouts)!r}: allowed two of {list(ENGINE_LAYOUTS)}")
+    built = []
+    for name in layouts:
+        sizes = ENGINE_LAYOUTS[name](world)
+        extra = {"ep_implementation": COUNTED_ALL_TO_ALL} if sizes.get("ep_size", 1) > 1 else {}
+        model = QwenMoeGBForCausalLM.from_pretrained(
+            None, config=config, state_dict=state, distributed_config=DistributedConfig(**sizes, **extra),
+            experts_implementation=impl,
+        ).train()  # fmt: skip
+        built.append((model, GlobalBalancer(model)))
+
+    def sync(elapsed: float | None = None) -> float | None:
+        if elapsed is None:
+            dist.barrier()
+            return None
+        slowest = torch.tensor([elapsed], dtype=torch.float64)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        return float(slowest)
+
+    result = _alternate(built, batches, steps, warmup, sync)
+    return {"layouts": list(layouts), "world_size": world, "experts_implementation": impl, **result}
 
 
 def _setup(args: argparse.Namespace):
@@ -305,6 +357,23 @@ def run_paired(args: argparse.Namespace) -> list[dict]:
         for compiled in args.compile.split(",")
         for impl in args.experts_implementations.split(",")
     ]
+
+
+def run_paired_layouts(args: argparse.Namespace) -> list[dict]:
+    """`--paired_layouts A,B` under torchrun, for each experts implementation: see `engine_paired_ratio`."""
+    import torch.distributed as dist
+
+    args.dtype = "fp32"
+    device, dtype, config, state, batches = _setup(args)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    layouts = tuple(args.paired_layouts.split(","))
+    results = [
+        engine_paired_ratio(layouts, config, impl, state, batches, args.paired_steps, args.warmup)
+        for impl in args.experts_implementations.split(",")
+    ]
+    dist.barrier()
+    return results
 
 
 def run(args: argparse.Namespace) -> list[Result]:
@@ -439,11 +508,18 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--profile", default=None, help="write a torch.profiler table of the first arm here")
     parser.add_argument("--paired", default=None, help="two arms, e.g. micro,global: step-time ratio in pairs")
     parser.add_argument("--paired_steps", type=int, default=100, help="timed pairs of --paired")
+    parser.add_argument(
+        "--paired_layouts", default=None, help="under torchrun: two engine layouts (fsdp, fsdp+ep), step-time ratio"
+    )
     args = parser.parse_args(argv)  # fmt: skip
     if args.paired and args.distributed:
         raise ValueError(f"--paired={args.paired!r} with --distributed: allowed in one process only")
+    if args.paired_layouts and "WORLD_SIZE" not in os.environ:
+        raise ValueError(f"--paired_layouts={args.paired_layouts!r} needs torchrun: allowed with several processes")
     results = run(args) if args.models else []
     paired = run_paired(args) if args.paired else []
+    if args.paired_layouts:
+        paired += run_paired_layouts(args)
     if int(os.environ.get("RANK", "0")) == 0:
         if results:
             print(markdown_table(results))
@@ -452,9 +528,10 @@ def main(argv: list[str] | None = None) -> list[Result]:
             print(f"all-reduce of the (L, E) int64 counts alone, {world} processes: {results[0].collective_us:.1f} µs")
         for p in paired:
             low, high = p["iqr"]
-            print(f"paired {p['arms'][1]} / {p['arms'][0]} step time ({p['experts_implementation']}, compile "
-                  f"{p['compile']}, {p['pairs']} pairs): median {p['ratio']:.4f}, interquartile range "
-                  f"{low:.4f}-{high:.4f}")  # fmt: skip
+            names = p.get("arms") or p["layouts"]
+            where = f"compile {p['compile']}" if "compile" in p else f"{p['world_size']} processes"
+            print(f"paired {names[1]} / {names[0]} step time ({p['experts_implementation']}, {where}, {p['pairs']} "
+                  f"pairs): median {p['ratio']:.4f}, interquartile range {low:.4f}-{high:.4f}")  # fmt: skip
         if args.out:
             meta = {"torch": torch.__version__, "transformers": transformers.__version__, "args": vars(args)}
             with open(args.out, "w") as f:

@@ -134,3 +134,29 @@ def test_cli_bench_is_the_benchmark(tmp_path):
     ])  # fmt: skip
     saved = json.loads(out.read_text())
     assert [r["name"] for r in saved["results"]] == ["global"] and saved["results"][0]["tokens_per_step"] == 8
+
+
+@pytest.mark.distributed
+def test_paired_layouts_time_ep_against_fsdp_under_torchrun(tmp_path):
+    """`--paired_layouts fsdp,fsdp+ep` on 2 gloo processes: both engine layouts train side by side, pairs reported."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from .test_distributed import free_port
+
+    out = tmp_path / "layouts.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "scripts/benchmark.py", "--models", "", "--paired_layouts", "fsdp,fsdp+ep", "--preset", "tiny",
+           "--paired_steps", "3", "--warmup", "1", "--batch", "2", "--seq", "16", "--experts_implementations", "eager",
+           "--out", str(out)]  # fmt: skip
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(root))
+    result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (paired,) = json.loads(out.read_text())["paired"]
+    assert paired["layouts"] == ["fsdp", "fsdp+ep"] and paired["world_size"] == 2 and paired["pairs"] == 3
+    assert 0 < paired["iqr"][0] <= paired["ratio"] <= paired["iqr"][1]
+    with pytest.raises(ValueError, match="needs torchrun"):
+        main(["--preset", "tiny", "--models", "", "--paired_layouts", "fsdp,fsdp+ep"])
