@@ -6,6 +6,7 @@ Features
 - Balance options: `balance_scope` (micro / global / sequence), `balance_group_size`, `micro_balance_coef`,
   `device_balance_groups` + `device_balance_coef`, `router_z_loss_coef`, `aux_free` + `aux_free_bias_update_rate`,
   `router_scoring_func` (softmax / sigmoid).
+- `loss_implementation`: the chunked LM-head + cross-entropy loss (no (T, V) logits in training) or transformers' one.
 - `num_params()` / `num_active_params()`: parameter counts from the config alone.
 
 This file imports only the standard library and transformers (Hub custom-code rule).
@@ -15,6 +16,7 @@ from transformers import Qwen2MoeConfig
 
 BALANCE_SCOPES = ("micro", "global", "sequence")
 ROUTER_SCORING_FUNCS = ("softmax", "sigmoid")
+LOSS_IMPLEMENTATIONS = ("chunked", "full")
 
 
 class QwenMoeGBConfig(Qwen2MoeConfig):
@@ -60,6 +62,13 @@ class QwenMoeGBConfig(Qwen2MoeConfig):
         router_scoring_func (`str`, *optional*, defaults to `"softmax"`):
             `"softmax"` or `"sigmoid"` router scores. With sigmoid, the balance losses use the scores normalised
             to sum to one over experts.
+        loss_implementation (`str`, *optional*, defaults to `"chunked"`):
+            How training computes the language-model loss: `"chunked"` (the LM head and cross-entropy over chunks of
+            tokens from the hidden states, forward and backward, so the (T, V) logits never exist; `logits` is None
+            in training unless `return_logits=True`) or `"full"` (transformers' LM head + `ForCausalLMLoss`).
+            Evaluation and generation always compute logits.
+        loss_chunk_size (`int`, *optional*):
+            Tokens per chunk of the chunked loss; `None` = 2**27 // vocab_size (512 MiB of fp32 logits per chunk).
         use_qk_norm (`bool`, *optional*, defaults to `False`):
             Use Qwen3-MoE attention (RMSNorm on queries and keys per head, `attention_bias` instead of `qkv_bias`).
         attention_bias (`bool`, *optional*, defaults to `False`):
@@ -79,6 +88,8 @@ class QwenMoeGBConfig(Qwen2MoeConfig):
     aux_free: bool = False
     aux_free_bias_update_rate: float = 0.001
     router_scoring_func: str = "softmax"
+    loss_implementation: str = "chunked"
+    loss_chunk_size: int | None = None
     use_qk_norm: bool = False
     attention_bias: bool = False
     head_dim: int | None = None
@@ -107,6 +118,12 @@ class QwenMoeGBConfig(Qwen2MoeConfig):
             )
         if self.balance_group_size is not None:
             _check_int("balance_group_size", self.balance_group_size, minimum=1)
+        if self.loss_implementation not in LOSS_IMPLEMENTATIONS:
+            raise ValueError(
+                f"loss_implementation={self.loss_implementation!r} is unknown: allowed {list(LOSS_IMPLEMENTATIONS)}"
+            )
+        if self.loss_chunk_size is not None:
+            _check_int("loss_chunk_size", self.loss_chunk_size, minimum=1)
         for name in (
             "router_aux_loss_coef",
             "micro_balance_coef",
@@ -202,4 +219,4 @@ def _normalise_groups(groups: object, num_experts: int) -> int | list[list[int]]
     return [sorted(int(i) for i in g) for g in groups]
 
 
-__all__ = ["QwenMoeGBConfig", "BALANCE_SCOPES", "ROUTER_SCORING_FUNCS"]
+__all__ = ["QwenMoeGBConfig", "BALANCE_SCOPES", "LOSS_IMPLEMENTATIONS", "ROUTER_SCORING_FUNCS"]

@@ -254,6 +254,94 @@ def balance_loss(
     return total, parts
 
 
+# --------------------------------------------------------------------------------------------- language-model loss
+
+CHUNK_ELEMENTS = 2**27  # logits elements per chunk when `loss_chunk_size` is None: 512 MiB in fp32
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Σ_t CE(h_t · Wᵀ, y_t) over the non-ignored tokens, chunk by chunk: the forward computes each chunk's logits,
+    its loss and its gradients at once (softmax − one-hot), so no (T, V) tensor outlives a chunk; autograd keeps only
+    dL/dh (T, D) and dL/dW (V, D), which the backward scales by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size: int, ignore_index: int):
+        # hidden (T, D), weight (V, D), targets (T,)
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32 as transformers' `.float()`; fp64 stays
+        grad_hidden = torch.empty_like(hidden) if want_h else None  # (T, D)
+        grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if want_w else None
+        total = torch.zeros((), dtype=dtype, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h, y = hidden[start : start + chunk_size], targets[start : start + chunk_size]  # (C, D), (C,)
+            logits = (h @ weight.t()).to(dtype)  # (C, V): what the LM head + `.float()` give
+            valid = y != ignore_index  # (C,)
+            y = torch.where(valid, y, 0)[:, None]  # (C, 1)
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (C, 1)
+            total = total + ((lse - logits.gather(1, y)).squeeze(1) * valid).sum()
+            if want_h or want_w:
+                grad = (logits - lse).exp_()  # (C, V) softmax, in place of the logits
+                grad.scatter_add_(1, y, torch.full_like(y, -1, dtype=grad.dtype)).mul_(valid[:, None])
+                grad = grad.to(hidden.dtype)  # the dtype autograd gives the logits' gradient
+                if want_h:
+                    grad_hidden[start : start + chunk_size] = grad @ weight  # (C, D)
+                if want_w:
+                    grad_weight += (grad.t() @ h).to(dtype)  # (V, D)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        dh = None if grad_hidden is None else grad_hidden * grad_output.to(grad_hidden.dtype)
+        dw = None if grad_weight is None else grad_weight * grad_output
+        return dh, dw, None, None, None
+
+
+def chunked_linear_cross_entropy(
+    hidden_states: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = -100,
+    shift_labels: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """transformers' causal-LM loss (`ForCausalLMLoss`: labels shifted by one, fp32 logits, sum over the tokens divided
+    by `num_items_in_batch`, else the mean over non-ignored tokens) of `hidden_states @ weight.T`, without the (T, V)
+    logits: chunks of `chunk_size` tokens (default: `CHUNK_ELEMENTS // V`). hidden_states (B, S, D), weight (V, D),
+    labels (B, S) or `shift_labels` (B, S) already shifted."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]  # (B, S): tokens < n predict n
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])  # (T, D)
+    targets = shift_labels.reshape(-1).to(hidden.device)  # (T,)
+    chunk = chunk_size or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    total = _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk, ignore_index)
+    if num_items_in_batch is None:
+        return total / (targets != ignore_index).sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+class QwenMoeGBLMHead(nn.Linear):
+    """The LM head (an `nn.Linear`, `lm_head.weight` in checkpoints). Called with `labels` (or `shift_labels`), it
+    returns the chunked cross-entropy loss instead of the logits, inside its own forward, so FSDP2 gathers its weight
+    for the loss as it does for the logits."""
+
+    def forward(self, hidden_states: torch.Tensor, labels: torch.Tensor | None = None, **loss_kwargs) -> torch.Tensor:
+        if labels is None and loss_kwargs.get("shift_labels") is None:
+            return super().forward(hidden_states)  # (B, S, V) logits
+        return chunked_linear_cross_entropy(hidden_states, self.weight, labels, **loss_kwargs)
+
+
+def _tensor_parallel(weight: torch.Tensor) -> bool:
+    """The weight is sharded by tensor parallel (its DTensor mesh has a "tp" dim of size > 1)."""
+    mesh = getattr(weight, "device_mesh", None)
+    return mesh is not None and "tp" in (mesh.mesh_dim_names or ()) and mesh["tp"].size() > 1
+
+
 # --------------------------------------------------------------------------------------------- router and MoE block
 
 
@@ -552,7 +640,7 @@ class QwenMoeGBForCausalLM(QwenMoeGBPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = QwenMoeGBModel(config)
         self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = QwenMoeGBLMHead(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
     @can_return_tuple
@@ -568,13 +656,17 @@ class QwenMoeGBForCausalLM(QwenMoeGBPreTrainedModel, GenerationMixin):
         output_router_logits: bool | None = None,
         add_balance_loss: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        return_logits: bool | None = None,
         **kwargs,
     ) -> QwenMoeGBCausalLMOutputWithPast:
         r"""Causal LM forward. With `labels`, `loss` = CE (+ the micro-scope balance losses when `add_balance_loss`,
         which defaults to `self.training`); `aux_loss` is the expert-level LBL (1.0 at balance; with labels or
-        `output_router_logits`, as in transformers) and `router_stats`
-        carries the statistics a trainer needs for the global scope. A trainer that adds the balance loss itself
-        passes `add_balance_loss=False`. `return_dict=False` returns the output as a tuple."""
+        `output_router_logits`, as in transformers) and `router_stats` carries the statistics a trainer needs for the
+        global scope. A trainer that adds the balance loss itself passes `add_balance_loss=False`.
+
+        Training with labels computes the CE chunk by chunk from the hidden states (`loss_implementation="chunked"`):
+        no (T, V) logits exist and `logits` is None, unless `return_logits=True` (default: True outside training or
+        without labels). `return_dict=False` returns the output as a tuple."""
         cache = _pop_cache(cache, kwargs)
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
@@ -590,7 +682,12 @@ class QwenMoeGBForCausalLM(QwenMoeGBPreTrainedModel, GenerationMixin):
         )
         hidden_states = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, slice_indices, :])  # (B, S, V)
+        hidden_states = hidden_states[:, slice_indices, :]  # (B, S', D)
+        if return_logits is None:  # the chunked loss leaves no logits: only for training with labels by default
+            return_logits = not (self.training and labels is not None)
+        chunked = labels is not None and not return_logits and self.config.loss_implementation == "chunked"
+        chunked = chunked and not _tensor_parallel(self.lm_head.weight)  # TP's head plan expects logits
+        logits = None if chunked else self.lm_head(hidden_states)  # (B, S', V)
 
         aux_loss = balance = None  # as in transformers: computed for a loss, or on request (output_router_logits)
         if outputs.router_stats is not None and (labels is not None or output_router_logits):
@@ -598,11 +695,16 @@ class QwenMoeGBForCausalLM(QwenMoeGBPreTrainedModel, GenerationMixin):
             balance, parts = balance_loss(self.config, outputs.router_stats, groups=groups)
             aux_loss = parts["lbl"]
         loss = None
-        if labels is not None:
+        if chunked:
+            loss = self.lm_head(hidden_states, labels, chunk_size=self.config.loss_chunk_size, **kwargs)
+        elif labels is not None:
             loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
-            add = self.training if add_balance_loss is None else add_balance_loss
-            if add and balance is not None:
-                loss = loss + balance.to(loss.device)
+        if (
+            loss is not None
+            and balance is not None
+            and (self.training if add_balance_loss is None else add_balance_loss)
+        ):
+            loss = loss + balance.to(loss.device)
         return QwenMoeGBCausalLMOutputWithPast(
             loss=loss,
             aux_loss=aux_loss,
@@ -622,6 +724,7 @@ for _name in ("qwenmoe_gb", "QwenMoeGBForCausalLM", "QwenMoeGBModel"):
     register_checkpoint_conversion_mapping(_name, get_checkpoint_conversion_mapping("qwen2_moe"), overwrite=True)
 
 __all__ = [
+    "chunked_linear_cross_entropy",
     "QwenMoeGBForCausalLM",
     "QwenMoeGBModel",
     "QwenMoeGBPreTrainedModel",

@@ -1,0 +1,133 @@
+"""The chunked LM-head + cross-entropy loss equals transformers' `ForCausalLMLoss` on full logits (value and every
+gradient), in the model too, and no (T, V) tensor is kept for backward in a training step."""
+
+import pytest
+import torch
+from transformers.loss.loss_utils import ForCausalLMLoss
+
+from modeling_qwenmoe_gb import QwenMoeGBForCausalLM
+from modeling_qwenmoe_gb.modeling_qwenmoe_gb import chunked_linear_cross_entropy
+
+from .conftest import tiny_config
+
+V, D = 50, 16
+
+
+def reference(hidden, weight, labels, **kwargs):
+    """transformers' path: the LM head's full (B, S, V) logits, then its causal-LM loss."""
+    return ForCausalLMLoss(hidden @ weight.t(), labels, V, **kwargs)
+
+
+def grads(fn, hidden, weight, labels, **kwargs):
+    hidden, weight = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    loss = fn(hidden, weight, labels, **kwargs)
+    return (loss, *torch.autograd.grad(loss, (hidden, weight)))
+
+
+def inputs(dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 11, D, generator=gen).to(dtype)
+    weight = (torch.randn(V, D, generator=gen) * 0.5).to(dtype)
+    labels = torch.randint(0, V, (3, 11), generator=gen)
+    labels[1, :4] = -100  # left padding
+    labels[2, 7] = -100  # an ignored token inside a sequence
+    return hidden, weight, labels
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 4, 7, 33, 1000])
+@pytest.mark.parametrize("num_items", [None, 25])
+def test_equals_transformers_loss_and_gradients_fp32(chunk_size, num_items):
+    hidden, weight, labels = inputs()
+    kwargs = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    got = grads(chunked_linear_cross_entropy, hidden, weight, labels, chunk_size=chunk_size, **kwargs)
+    expected = grads(reference, hidden, weight, labels, **kwargs)
+    for a, b, name in zip(got, expected, ("loss", "d hidden", "d weight")):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_shift_labels_and_ignore_index():
+    hidden, weight, labels = inputs()
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].contiguous()
+    sevens = labels.masked_fill(labels == -100, 7)  # another ignore index
+    for case, kwargs in ((labels, {"shift_labels": shifted}), (sevens, {"ignore_index": 7})):
+        got = grads(chunked_linear_cross_entropy, hidden, weight, case, chunk_size=5, **kwargs)
+        expected = grads(reference, hidden, weight, case, **kwargs)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_within_bf16_tolerance():
+    hidden, weight, labels = inputs(torch.bfloat16)
+    got = grads(chunked_linear_cross_entropy, hidden, weight, labels, chunk_size=6)
+    expected = grads(reference, hidden, weight, labels)
+    assert got[1].dtype == got[2].dtype == torch.bfloat16
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_model_training_loss_equals_the_full_logits_path(tied):
+    """In training with labels the model uses the chunked loss (no logits come back); with `return_logits=True` it
+    takes transformers' path. Loss and every parameter gradient agree, tied or untied embeddings, padded batch."""
+    cfg = tiny_config(tie_word_embeddings=tied, loss_chunk_size=5)
+    torch.manual_seed(0)
+    model = QwenMoeGBForCausalLM(cfg).train()
+    ids = torch.randint(1, 99, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    results = []
+    for return_logits in (None, True):
+        model.zero_grad()
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, return_logits=return_logits)
+        out.loss.backward()
+        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (chunked, chunked_grads), (full, full_grads) = results
+    assert chunked.logits is None and full.logits.shape == (2, 9, 99)
+    torch.testing.assert_close(chunked.loss, full.loss, rtol=1e-6, atol=1e-6)
+    assert chunked_grads.keys() == full_grads.keys()
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    model.eval()  # evaluation and generation keep their logits
+    assert model(input_ids=ids, labels=labels).logits.shape == (2, 9, 99)
+
+
+def test_logits_to_keep_and_num_items_in_the_model():
+    cfg = tiny_config(loss_chunk_size=3)
+    torch.manual_seed(0)
+    model = QwenMoeGBForCausalLM(cfg).train()
+    ids = torch.randint(1, 99, (2, 9))
+    kwargs = {"labels": ids[:, -4:], "logits_to_keep": 4, "num_items_in_batch": torch.tensor(5)}
+    chunked = model(input_ids=ids, add_balance_loss=False, **kwargs).loss
+    full = model(input_ids=ids, add_balance_loss=False, return_logits=True, **kwargs).loss
+    torch.testing.assert_close(chunked, full)
+    full_config = QwenMoeGBForCausalLM(tiny_config(loss_implementation="full"))
+    full_config.load_state_dict(model.state_dict())
+    out = full_config.train()(input_ids=ids, labels=ids)
+    assert out.logits is not None  # the switch: transformers' path in training too
+
+
+def _saved_shapes(model, ids) -> list[tuple[int, ...]]:
+    """Shapes of every tensor autograd saves for backward during one training forward."""
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return shapes
+
+
+def test_no_tokens_by_vocabulary_tensor_is_saved_for_backward():
+    """Checked from what autograd saves, not from the code: the chunked path keeps nothing of T × V elements (the
+    full path, run as a control, does)."""
+    vocab, tokens = 4096, 2 * 64
+    ids = torch.randint(0, vocab, (2, 64))
+    for implementation, expect_full in (("chunked", False), ("full", True)):
+        torch.manual_seed(0)
+        model = QwenMoeGBForCausalLM(tiny_config(vocab_size=vocab, loss_implementation=implementation)).train()
+        largest = max(torch.Size(s).numel() for s in _saved_shapes(model, ids))
+        assert (largest >= tokens * vocab) is expect_full, (implementation, largest)
