@@ -224,7 +224,8 @@ def plot_figures(summary: dict, runs: dict, out: Path) -> None:
 
     if all("maxvio_device" in row for row in summary.values()):
         key = "maxvio_device_delivered" if all("maxvio_device_delivered" in r for r in summary.values()) else None
-        panels = [(key or "maxvio_device", "MaxVio over devices"), ("kl", "specialization KL"), ("avg_ppl", "avg PPL")]
+        title = "MaxVio over devices" + (" (all-to-all)" if key else " (global counts)")
+        panels = [(key or "maxvio_device", title), ("kl", "specialization KL"), ("avg_ppl", "avg PPL")]
         fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
         names = list(summary)
         for ax, (field_name, title) in zip(axes, panels):
