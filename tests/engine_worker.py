@@ -31,6 +31,16 @@ STEPS = {
     "tp2_global": ({"tp_size": 2}, "global", 1, False, None),
     "fsdp2_ep2_device_ep": ({"fsdp_size": 2, "ep_size": 2, **COUNTED}, "global", 2, True, "ep"),
 }
+# run with 4 processes (`... engine_worker.py OUT four`): HSDP (2 replicas × FSDP2) with EP over each replica's 2 ranks
+FOUR_PROCESS_STEPS = {
+    "hsdp2x2_ep2_device_ep": (
+        {"dp_replicate_size": 2, "fsdp_size": 2, "ep_size": 2, **COUNTED},
+        "global",
+        2,
+        True,
+        "ep",
+    ),
+}
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -45,7 +55,7 @@ def load(out: Path, sizes: dict, **config) -> QwenMoeGBForCausalLM:
 
 def engine_step(out: Path, rank: int, name: str) -> None:
     """One optimizer step of a plain loop with the balancer: counts buffer per micro-step, gradients, aux-free bias."""
-    sizes, scope, accumulation, distinct, groups = STEPS[name]
+    sizes, scope, accumulation, distinct, groups = {**STEPS, **FOUR_PROCESS_STEPS}[name]
     model = load(out, sizes, balance_scope=scope, device_balance_groups=groups).train()
     balancer = GlobalBalancer(model)
     buffers = []
@@ -141,6 +151,11 @@ def main() -> None:
     rank = int(os.environ["RANK"])
     os.environ["ACCELERATE_USE_CPU"] = "1"
     dist.init_process_group("gloo")
+    if sys.argv[2:] == ["four"]:
+        for name in FOUR_PROCESS_STEPS:
+            engine_step(out, rank, name)
+        dist.destroy_process_group()
+        return
     for name in STEPS:
         engine_step(out, rank, name)
     engine_train_and_save(out, rank)

@@ -17,7 +17,7 @@ from modeling_qwenmoe_gb import QwenMoeGBForCausalLM, balance_loss
 from modeling_qwenmoe_gb.hub import push_folder, write_model_card
 
 from .dist_common import batch_for, make_config
-from .engine_worker import STEPS
+from .engine_worker import FOUR_PROCESS_STEPS, STEPS
 from .hub_server import HubServer
 from .test_distributed import free_port
 from .test_hub_round_trip import pull
@@ -37,6 +37,12 @@ def workdir(tmp_path_factory):
     result = subprocess.run(
         [*cmd, str(ROOT / "tests" / "engine_worker.py"), str(out)], env=env, capture_output=True, text=True, timeout=900
     )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    four = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port", str(free_port())]
+    result = subprocess.run(
+        [*four, str(ROOT / "tests" / "engine_worker.py"), str(out), "four"],
+        env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return out
 
@@ -61,15 +67,16 @@ def reference_step(out: Path, scope: str, accumulation: int, ranks: int, groups=
     return {"buffers": buffers, "grads": {n: p.grad for n, p in model.named_parameters()}, "biases": bias.float()}
 
 
-@pytest.mark.parametrize("name", list(STEPS))
+@pytest.mark.parametrize("name", [*STEPS, *FOUR_PROCESS_STEPS])
 def test_engine_step_equals_one_process(workdir, name):
     """Counts buffer per micro-step (exact; a TP group counts its shared batch once), every gradient, and the aux-free
-    bias (identical on both ranks) equal one process on the same data."""
-    _, scope, accumulation, distinct, groups = STEPS[name]
+    bias (identical on every rank) equal one process on the same data (2 processes; 4 for HSDP 2 × 2 with EP)."""
+    _, scope, accumulation, distinct, groups = {**STEPS, **FOUR_PROCESS_STEPS}[name]
+    world = 4 if name in FOUR_PROCESS_STEPS else 2
     ep_blocks = [[0, 1, 2, 3], [4, 5, 6, 7]]  # what EP rank 0 and 1 hold: the one-process reference's explicit groups
     reference_groups = ep_blocks if groups == "ep" else groups
-    expected = reference_step(workdir, scope, accumulation, ranks=2 if distinct else 1, groups=reference_groups)
-    seen = [torch.load(workdir / f"{name}_rank{rank}.pt") for rank in range(2)]
+    expected = reference_step(workdir, scope, accumulation, ranks=world if distinct else 1, groups=reference_groups)
+    seen = [torch.load(workdir / f"{name}_rank{rank}.pt") for rank in range(world)]
     for rank_seen in seen:
         for got, want in zip(rank_seen["buffers"], expected["buffers"]):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
@@ -77,9 +84,10 @@ def test_engine_step_equals_one_process(workdir, name):
         for param, grad in rank_seen["grads"].items():
             torch.testing.assert_close(grad, expected["grads"][param], rtol=1e-4, atol=1e-6, msg=param)
         torch.testing.assert_close(rank_seen["biases"], expected["biases"], rtol=0, atol=1e-9)
-    torch.testing.assert_close(seen[0]["biases"], seen[1]["biases"], rtol=0, atol=0)
+    for rank_seen in seen[1:]:
+        torch.testing.assert_close(rank_seen["biases"], seen[0]["biases"], rtol=0, atol=0)
     if groups == "ep":
-        assert seen[0]["groups"] == seen[1]["groups"] == ep_blocks  # read from the loaded model's sharding
+        assert all(rank_seen["groups"] == ep_blocks for rank_seen in seen)  # read from the loaded model's sharding
 
 
 def test_device_maxvio_from_the_all_to_all_equals_the_one_from_the_counts(workdir):
