@@ -94,7 +94,8 @@ def engine_train_and_save(out: Path, rank: int) -> None:
     with torch.no_grad():
         logits = full(model(input_ids=torch.load(out / "ids.pt")).logits)
     biases = torch.stack([r.expert_bias.clone() for r in model.model.moe_routers()])
-    torch.save({"logits": logits, "biases": biases}, out / f"engine_saved_rank{rank}.pt")
+    params = {n: full(p.detach()).clone() for n, p in model.named_parameters()}
+    torch.save({"logits": logits, "biases": biases, "params": params}, out / f"engine_saved_rank{rank}.pt")
 
 
 def engine_resume(out: Path, rank: int) -> None:
