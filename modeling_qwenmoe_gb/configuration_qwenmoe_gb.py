@@ -65,8 +65,8 @@ class QwenMoeGBConfig(Qwen2MoeConfig):
         loss_implementation (`str`, *optional*, defaults to `"chunked"`):
             How training computes the language-model loss: `"chunked"` (the LM head and cross-entropy over chunks of
             tokens from the hidden states, forward and backward, so the (T, V) logits never exist; `logits` is None
-            in training unless `return_logits=True`) or `"full"` (transformers' LM head + `ForCausalLMLoss`).
-            Evaluation and generation always compute logits.
+            in training unless `return_logits=True`; a micro-batch of at most one chunk takes the plain path) or
+            `"full"` (transformers' LM head + `ForCausalLMLoss`). Evaluation and generation always compute logits.
         loss_chunk_size (`int`, *optional*):
             Tokens per chunk of the chunked loss; `None` = 2**27 // vocab_size (512 MiB of fp32 logits per chunk).
         use_qk_norm (`bool`, *optional*, defaults to `False`):

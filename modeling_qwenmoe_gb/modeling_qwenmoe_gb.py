@@ -664,9 +664,10 @@ class QwenMoeGBForCausalLM(QwenMoeGBPreTrainedModel, GenerationMixin):
         `output_router_logits`, as in transformers) and `router_stats` carries the statistics a trainer needs for the
         global scope. A trainer that adds the balance loss itself passes `add_balance_loss=False`.
 
-        Training with labels computes the CE chunk by chunk from the hidden states (`loss_implementation="chunked"`):
-        no (T, V) logits exist and `logits` is None, unless `return_logits=True` (default: True outside training or
-        without labels). `return_dict=False` returns the output as a tuple."""
+        Training with labels computes the CE chunk by chunk from the hidden states (`loss_implementation="chunked"`)
+        when the tokens exceed one chunk (`loss_chunk_size`): no (T, V) logits exist and `logits` is None, unless
+        `return_logits=True` (default: True outside training or without labels); a batch that fits in one chunk takes
+        the plain path (the same memory, fewer ops). `return_dict=False` returns the output as a tuple."""
         cache = _pop_cache(cache, kwargs)
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
@@ -687,6 +688,8 @@ class QwenMoeGBForCausalLM(QwenMoeGBPreTrainedModel, GenerationMixin):
             return_logits = not (self.training and labels is not None)
         chunked = labels is not None and not return_logits and self.config.loss_implementation == "chunked"
         chunked = chunked and not _tensor_parallel(self.lm_head.weight)  # TP's head plan expects logits
+        chunk_size = self.config.loss_chunk_size or max(1, CHUNK_ELEMENTS // self.config.vocab_size)
+        chunked = chunked and hidden_states.shape[0] * hidden_states.shape[1] > chunk_size  # one chunk: plain path
         logits = None if chunked else self.lm_head(hidden_states)  # (B, S', V)
 
         aux_loss = balance = None  # as in transformers: computed for a loss, or on request (output_router_logits)
@@ -696,7 +699,7 @@ class QwenMoeGBForCausalLM(QwenMoeGBPreTrainedModel, GenerationMixin):
             aux_loss = parts["lbl"]
         loss = None
         if chunked:
-            loss = self.lm_head(hidden_states, labels, chunk_size=self.config.loss_chunk_size, **kwargs)
+            loss = self.lm_head(hidden_states, labels, chunk_size=chunk_size, **kwargs)
         elif labels is not None:
             loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
         if (

@@ -126,8 +126,9 @@ def test_no_tokens_by_vocabulary_tensor_is_saved_for_backward():
     full path, run as a control, does)."""
     vocab, tokens = 4096, 2 * 64
     ids = torch.randint(0, vocab, (2, 64))
-    for implementation, expect_full in (("chunked", False), ("full", True)):
-        torch.manual_seed(0)
-        model = QwenMoeGBForCausalLM(tiny_config(vocab_size=vocab, loss_implementation=implementation)).train()
+    for implementation, chunk, expect_full in (("chunked", 32, False), ("full", 32, True), ("chunked", 128, True)):
+        torch.manual_seed(0)  # the last: the whole batch is one chunk, the plain path
+        cfg = tiny_config(vocab_size=vocab, loss_implementation=implementation, loss_chunk_size=chunk)
+        model = QwenMoeGBForCausalLM(cfg).train()
         largest = max(torch.Size(s).numel() for s in _saved_shapes(model, ids))
         assert (largest >= tokens * vocab) is expect_full, (implementation, largest)
