@@ -271,20 +271,20 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32 as transformers' `.float()`; fp64 stays
         grad_hidden = torch.empty_like(hidden) if want_h else None  # (T, D)
         grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if want_w else None
-        total = torch.zeros((), dtype=dtype, device=hidden.device)
+        valid = (targets != ignore_index).to(dtype)[:, None]  # (T, 1): 0 for ignored tokens
+        one_hot_index = torch.where(targets != ignore_index, targets, 0)[:, None]  # (T, 1)
+        total = 0.0
         for start in range(0, hidden.shape[0], chunk_size):
-            h, y = hidden[start : start + chunk_size], targets[start : start + chunk_size]  # (C, D), (C,)
-            logits = (h @ weight.t()).to(dtype)  # (C, V): what the LM head + `.float()` give
-            valid = y != ignore_index  # (C,)
-            y = torch.where(valid, y, 0)[:, None]  # (C, 1)
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (C, 1)
-            total = total + ((lse - logits.gather(1, y)).squeeze(1) * valid).sum()
+            rows = slice(start, start + chunk_size)
+            h = hidden[rows]  # (C, D)
+            log_probs = torch.log_softmax((h @ weight.t()).to(dtype), dim=-1)  # (C, V): the LM head + `.float()`
+            total = total + F.nll_loss(log_probs, targets[rows], ignore_index=ignore_index, reduction="sum")
             if want_h or want_w:
-                grad = (logits - lse).exp_()  # (C, V) softmax, in place of the logits
-                grad.scatter_add_(1, y, torch.full_like(y, -1, dtype=grad.dtype)).mul_(valid[:, None])
+                grad = log_probs.exp_()  # (C, V) softmax, in place
+                grad.scatter_add_(1, one_hot_index[rows], -valid[rows]).mul_(valid[rows])  # − one-hot, ignored rows 0
                 grad = grad.to(hidden.dtype)  # the dtype autograd gives the logits' gradient
                 if want_h:
-                    grad_hidden[start : start + chunk_size] = grad @ weight  # (C, D)
+                    grad_hidden[rows] = grad @ weight  # (C, D)
                 if want_w:
                     grad_weight += (grad.t() @ h).to(dtype)  # (V, D)
         ctx.save_for_backward(grad_hidden, grad_weight)

@@ -132,3 +132,24 @@ def test_no_tokens_by_vocabulary_tensor_is_saved_for_backward():
         model = QwenMoeGBForCausalLM(cfg).train()
         largest = max(torch.Size(s).numel() for s in _saved_shapes(model, ids))
         assert (largest >= tokens * vocab) is expect_full, (implementation, largest)
+
+
+def test_chunked_loss_compiles_as_one_graph_and_equals_eager():
+    """`torch.compile(fullgraph=True)` of a training step through the chunked loss (several chunks) equals eager."""
+    import copy
+
+    cfg = tiny_config(loss_chunk_size=7)
+    torch.manual_seed(0)
+    eager = QwenMoeGBForCausalLM(cfg).train()
+    compiled = torch.compile(copy.deepcopy(eager), fullgraph=True)
+    ids = torch.randint(1, 99, (2, 16))
+    losses = []
+    for model in (eager, compiled):
+        out = model(input_ids=ids, labels=ids, add_balance_loss=False)
+        assert out.logits is None
+        out.loss.backward()
+        losses.append(out.loss.detach())
+    torch.testing.assert_close(losses[1], losses[0])
+    params = dict(compiled.named_parameters())
+    for name, param in eager.named_parameters():
+        torch.testing.assert_close(params[f"_orig_mod.{name}"].grad, param.grad, rtol=1e-4, atol=1e-5, msg=name)
