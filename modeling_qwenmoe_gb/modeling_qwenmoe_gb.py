@@ -20,6 +20,7 @@ Shape legend: B batch, S sequence, T = B·S tokens, D hidden, E experts, K top-k
 This file imports only the standard library, torch, transformers and `.configuration_qwenmoe_gb`.
 """
 
+import contextlib
 import os
 from dataclasses import dataclass, fields
 
@@ -94,23 +95,27 @@ def router_statistics(
     token_mask: torch.Tensor,
     z_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sequence statistics of one router from what it already computed (no second pass, O(B·E) output).
+    """Per-sequence statistics of the routers from what they already computed (no second pass, O(B·E) output), for
+    one layer or for all layers at once (the model stacks them: one set of ops whatever the depth).
 
-    router_logits (T, E), router_probs (T, E) fp32, top_k_index (T, K), token_mask (B, S) with 1 for real tokens.
-    Returns counts (B, E), prob_sums (B, E), num_tokens (B,), z_sums (B,), all fp32. `z_grad=False` computes z_sums
-    as a metric only (no graph), so autograd keeps no fp32 copy of the (T, E) logits for a z-loss that is off.
+    router_logits (..., T, E), router_probs (..., T, E) fp32, top_k_index (..., T, K), token_mask (B, S) with 1 for
+    real tokens; `...` is () for one layer or (L,). Returns counts (..., B, E), prob_sums (..., B, E), num_tokens
+    (..., B), z_sums (..., B), all fp32. `z_grad=False` computes z_sums as a metric only (no graph), so autograd keeps
+    no fp32 copy of the logits for a z-loss that is off.
     """
+    lead = router_probs.shape[:-2]  # () or (L,)
     batch, seq = token_mask.shape
     num_experts, top_k = router_probs.shape[-1], top_k_index.shape[-1]
     mask = token_mask.to(torch.float32)  # (B, S); the model passes it as fp32 already
     with torch.no_grad():
-        weights = mask.repeat_interleave(top_k, dim=1)  # (B, S·K): each selection counts as its token does
-        counts = mask.new_zeros(batch, num_experts).scatter_add_(1, top_k_index.view(batch, seq * top_k), weights)
-    prob_sums = (router_probs.view(batch, seq, num_experts) * mask[..., None]).sum(1)  # (B, E)
-    with torch.set_grad_enabled(z_grad and torch.is_grad_enabled()):
-        lse = torch.logsumexp(router_logits.float(), dim=-1)  # (T,)
-        z_sums = (lse.square().view(batch, seq) * mask).sum(1)  # (B,)
-    num_tokens = mask.sum(1)  # (B,)
+        index = top_k_index.reshape(*lead, batch, seq * top_k)  # (..., B, S·K)
+        weights = mask.repeat_interleave(top_k, dim=1).expand_as(index)  # each selection counts as its token does
+        counts = mask.new_zeros(*lead, batch, num_experts).scatter_add_(-1, index, weights)  # (..., B, E)
+    prob_sums = (router_probs.reshape(*lead, batch, seq, num_experts) * mask[..., None]).sum(-2)  # (..., B, E)
+    with contextlib.nullcontext() if z_grad else torch.no_grad():  # a branch, not set_grad_enabled(flag): compiles
+        lse = torch.logsumexp(router_logits.float(), dim=-1)  # (..., T)
+        z_sums = (lse.square().reshape(*lead, batch, seq) * mask).sum(-1)  # (..., B)
+    num_tokens = mask.sum(1).expand(*lead, batch)  # (..., B)
     return counts, prob_sums, num_tokens, z_sums
 
 
@@ -390,7 +395,8 @@ class QwenMoeGBExperts(Qwen2MoeExperts):
 
 
 class QwenMoeGBSparseMoeBlock(nn.Module):
-    """Routed experts + optional sigmoid-gated shared expert; returns the output and this layer's router stats."""
+    """Routed experts + optional sigmoid-gated shared expert; returns the output and this layer's routing (router
+    logits (T, E), probabilities (T, E), selected experts (T, K)), from which the model computes the statistics."""
 
     def __init__(self, config: QwenMoeGBConfig):
         super().__init__()
@@ -402,16 +408,14 @@ class QwenMoeGBSparseMoeBlock(nn.Module):
             self.shared_expert = Qwen2MoeMLP(config, intermediate_size=config.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
-    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor):
+    def forward(self, hidden_states: torch.Tensor):
         batch, seq, hidden = hidden_states.shape
         flat = hidden_states.view(-1, hidden)  # (T, D)
         router_logits, top_k_weights, top_k_index, probs = self.gate(flat)
         out = self.experts(flat, top_k_index, top_k_weights)  # (T, D)
         if self.shared_expert is not None:
             out = out + F.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
-        z_grad = self.config.router_z_loss_coef > 0  # z-loss off: its statistic is a metric, kept out of the graph
-        stats = router_statistics(router_logits, probs, top_k_index, token_mask, z_grad)
-        return out.view(batch, seq, hidden), stats  # (B, S, D)
+        return out.view(batch, seq, hidden), (router_logits, probs, top_k_index)  # (B, S, D), the routing
 
 
 # --------------------------------------------------------------------------------------------- decoder
@@ -432,7 +436,6 @@ class QwenMoeGBDecoderLayer(GradientCheckpointingLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        token_mask: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
@@ -454,12 +457,12 @@ class QwenMoeGBDecoderLayer(GradientCheckpointingLayer):
         hidden_states = residual + hidden_states
         residual = hidden_states
         hidden_states = self.post_attention_layernorm(hidden_states)
-        stats = None
+        routing = None
         if isinstance(self.mlp, QwenMoeGBSparseMoeBlock):
-            hidden_states, stats = self.mlp(hidden_states, token_mask)
+            hidden_states, routing = self.mlp(hidden_states)
         else:
             hidden_states = self.mlp(hidden_states)
-        return residual + hidden_states, stats
+        return residual + hidden_states, routing
 
 
 class QwenMoeGBPreTrainedModel(PreTrainedModel):
@@ -606,11 +609,10 @@ class QwenMoeGBModel(QwenMoeGBPreTrainedModel):
             }
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        layer_stats = []
+        routings = []
         for i, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
-            hidden_states, stats = decoder_layer(
+            hidden_states, routing = decoder_layer(
                 hidden_states,
-                token_mask,
                 attention_mask=mask_mapping[self.config.layer_types[i]],
                 position_ids=position_ids,
                 use_cache=use_cache,
@@ -618,11 +620,13 @@ class QwenMoeGBModel(QwenMoeGBPreTrainedModel):
                 **{CACHE_ARG: cache},  # the name GradientCheckpointingLayer clears under checkpointing
                 **kwargs,
             )
-            if stats is not None:
-                layer_stats.append(stats)
+            if routing is not None:
+                routings.append(routing)
         router_stats = None
-        if layer_stats:
-            router_stats = RouterStats(*(torch.stack(x) for x in zip(*layer_stats)))  # (L, B, E) / (L, B)
+        if routings:  # every MoE layer's statistics in one set of ops: (L, T, E), (L, T, E), (L, T, K) stacked
+            logits, probs, index = (torch.stack(x) for x in zip(*routings))
+            z_grad = self.config.router_z_loss_coef > 0  # z-loss off: its statistic is a metric, out of the graph
+            router_stats = RouterStats(*router_statistics(logits, probs, index, token_mask, z_grad))  # (L, B, ·)
         return QwenMoeGBModelOutputWithPast(
             last_hidden_state=self.norm(hidden_states),
             router_stats=router_stats,

@@ -153,3 +153,17 @@ def test_chunked_loss_compiles_as_one_graph_and_equals_eager():
     params = dict(compiled.named_parameters())
     for name, param in eager.named_parameters():
         torch.testing.assert_close(params[f"_orig_mod.{name}"].grad, param.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_recompiles_with_dynamic_shapes_and_another_config():
+    """A second compile in the same process with another sequence length and z-loss coefficient (dynamo then treats
+    sizes and config floats as symbolic): the chunked loss and the router statistics still trace as one graph."""
+    torch._dynamo.reset()
+    for coef, seq in ((0.01, 16), (0.0, 24)):
+        torch.manual_seed(0)
+        eager = QwenMoeGBForCausalLM(tiny_config(loss_chunk_size=7, router_z_loss_coef=coef)).train()
+        compiled = torch.compile(eager, fullgraph=True)
+        ids = torch.randint(1, 99, (2, seq))
+        loss = compiled(input_ids=ids, labels=ids, add_balance_loss=False).loss
+        torch.testing.assert_close(loss, eager(input_ids=ids, labels=ids, add_balance_loss=False).loss)
+        loss.backward()
