@@ -54,7 +54,7 @@ def route_domains(model, packed: PackedDomains, batch_size: int = 16, max_sequen
 
 def _topk_score_sum(router_logits: torch.Tensor, router) -> torch.Tensor:
     """Σ over tokens of the (unnormalised) scores of the selected top-K experts, for one layer."""
-    scores, index = router.select(router_logits)  # (T, E), (T, K)
+    scores, index, _ = router.select(router_logits)  # (T, E), (T, K)
     return scores.gather(-1, index).sum().double()
 
 

@@ -370,18 +370,21 @@ class QwenMoeGBTopKRouter(nn.Module):
             self.expert_bias = self.expert_bias.float()
         return self
 
-    def select(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 scores (T, E) and the selected experts (T, K); the bias only moves the selection."""
+    def select(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """fp32 scores (T, E), the selected experts (T, K) and their unbiased scores (T, K); the bias only moves the
+        selection."""
         logits = router_logits.float()
         scores = logits.softmax(-1) if self.scoring_func == "softmax" else logits.sigmoid()  # (T, E)
-        selection = scores + self.expert_bias if self.aux_free else scores
-        return scores, torch.topk(selection, self.top_k, dim=-1).indices  # (T, E), (T, K)
+        if not self.aux_free:
+            top_k_scores, top_k_index = torch.topk(scores, self.top_k, dim=-1)  # (T, K), (T, K)
+            return scores, top_k_index, top_k_scores
+        top_k_index = torch.topk(scores + self.expert_bias, self.top_k, dim=-1).indices  # (T, K)
+        return scores, top_k_index, scores.gather(-1, top_k_index)
 
     def forward(self, hidden_states: torch.Tensor):
         hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])  # (T, D)
         router_logits = F.linear(hidden_states, self.weight)  # (T, E)
-        scores, top_k_index = self.select(router_logits)
-        top_k_weights = scores.gather(-1, top_k_index)  # (T, K)
+        scores, top_k_index, top_k_weights = self.select(router_logits)  # (T, E), (T, K), (T, K)
         if self.norm_topk_prob:
             top_k_weights = top_k_weights / top_k_weights.sum(-1, keepdim=True)
         probs = scores if self.scoring_func == "softmax" else scores / scores.sum(-1, keepdim=True)
