@@ -118,8 +118,9 @@ class GlobalBalancer:
         self.moe_model = find_moe_model(model)
         self.config = self.moe_model.config
         self.model = model
-        self.groups = self.moe_model.expert_groups() if self.config.device_balance_groups is not None else None
+        self.groups = self.moe_model.expert_groups()
         self.device_groups = device_groups(self.moe_model)
+        self._device_matrix: torch.Tensor | None = None  # (E, D) 0/1, built at the first optimizer step
         self.last_delivered_counts: torch.Tensor | None = None
         self.group = group if group is not None else data_parallel_group(model)
         if sync_group_size is not None:
@@ -220,12 +221,14 @@ class GlobalBalancer:
         self._add("maxvio_global", max_violation(counts))
         self._last_step_counts = counts.clone()
         if self.device_groups is not None:
-            matrix = group_matrix(self.device_groups, self.config.num_experts, counts.double())  # (E, D)
-            self._add("maxvio_device", max_violation(counts.double() @ matrix))
+            loads = counts.double()  # (L, E)
+            if self._device_matrix is None:
+                self._device_matrix = group_matrix(self.device_groups, self.config.num_experts, loads)  # (E, D)
+            self._add("maxvio_device", max_violation(loads @ self._device_matrix))
             delivered = delivered_counts(self.model, self.config.num_experts)  # (L, E), summed over ranks
             if delivered is not None:
                 self.last_delivered_counts = delivered
-                self._add("maxvio_device_delivered", max_violation(delivered.double() @ matrix))
+                self._add("maxvio_device_delivered", max_violation(delivered.double() @ self._device_matrix))
                 reset_delivered_counts(self.model)
         if self.config.aux_free and self.bias_update == "global":
             self._update_biases(counts)

@@ -5,17 +5,19 @@ Features
   `experts_implementation` = eager / batched_mm / grouped_mm).
 - A top-k router with softmax or sigmoid scores and an auxiliary-loss-free bias (`expert_bias`, persistent fp32
   buffer) that changes which experts are selected but never the gate weights.
-- Router statistics from each sparse block, per layer and per sequence, padding excluded: selection counts,
-  probability sums (differentiable), token counts, z-loss sums. Memory O(L·B·E), no stored router logits.
+- Router statistics per layer and per sequence, padding excluded: selection counts, probability sums
+  (differentiable), token counts, z-loss sums, computed once per forward over the stacked routing of every sparse
+  layer. Output O(L·B·E); no router logits kept for backward.
 - Balance losses as pure functions: `switch_balance_loss`, `device_balance_loss`, `router_z_loss`, and
   `balance_loss` that combines them for a config at micro, sequence or global scope.
 - `QwenMoeGBForCausalLM.forward(labels=...)` returns CE + the micro-scope balance losses while training, so the model
   works in any loop; the global scope is added by the trainer (`modeling_qwenmoe_gb.balance`).
-
-Shape legend: B batch, S sequence, T = B·S tokens, D hidden, E experts, K top-k, L MoE layers, G sequence groups.
+- Chunked LM-head + cross-entropy in training (`chunked_linear_cross_entropy`): no (T, V) logits, forward or backward.
 - Native transformers conventions: the KV cache under the installed version's name (`cache` from transformers 5.24,
   `past_key_values` before; both accepted), `return_dict=False`, tensor / pipeline / FSDP plans for the head,
   full-graph compile (static-cache generation), output classes with real (not string) annotations.
+
+Shape legend: B batch, S sequence, T = B·S tokens, D hidden, E experts, K top-k, L MoE layers, G sequence groups.
 
 This file imports only the standard library, torch, transformers and `.configuration_qwenmoe_gb`.
 """
@@ -248,7 +250,7 @@ def balance_loss(
     total = config.router_aux_loss_coef * parts["lbl"]
     if config.micro_balance_coef > 0 and config.balance_scope == "global":
         total = total + config.micro_balance_coef * parts["micro_lbl"]
-    if groups is None and config.device_balance_groups is not None:
+    if groups is None:
         groups = config.expert_groups()
     if groups is not None:
         parts["device_lbl"] = device_balance_loss(f_counts, scoped.prob_sums, scoped.num_tokens, k, groups, f_tokens)
@@ -262,6 +264,11 @@ def balance_loss(
 # --------------------------------------------------------------------------------------------- language-model loss
 
 CHUNK_ELEMENTS = 2**27  # logits elements per chunk when `loss_chunk_size` is None: 512 MiB in fp32
+
+
+def loss_chunk_tokens(chunk_size: int | None, vocab_size: int) -> int:
+    """Tokens per chunk of the chunked loss: `chunk_size`, or by default as many as fill `CHUNK_ELEMENTS` logits."""
+    return chunk_size or max(1, CHUNK_ELEMENTS // vocab_size)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -321,7 +328,7 @@ def chunked_linear_cross_entropy(
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]  # (B, S): tokens < n predict n
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])  # (T, D)
     targets = shift_labels.reshape(-1).to(hidden.device)  # (T,)
-    chunk = chunk_size or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    chunk = loss_chunk_tokens(chunk_size, weight.shape[0])
     total = _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk, ignore_index)
     if num_items_in_batch is None:
         return total / (targets != ignore_index).sum()
@@ -695,14 +702,13 @@ class QwenMoeGBForCausalLM(QwenMoeGBPreTrainedModel, GenerationMixin):
             return_logits = not (self.training and labels is not None)
         chunked = labels is not None and not return_logits and self.config.loss_implementation == "chunked"
         chunked = chunked and not _tensor_parallel(self.lm_head.weight)  # TP's head plan expects logits
-        chunk_size = self.config.loss_chunk_size or max(1, CHUNK_ELEMENTS // self.config.vocab_size)
+        chunk_size = loss_chunk_tokens(self.config.loss_chunk_size, self.config.vocab_size)
         chunked = chunked and hidden_states.shape[0] * hidden_states.shape[1] > chunk_size  # one chunk: plain path
         logits = None if chunked else self.lm_head(hidden_states)  # (B, S', V)
 
         aux_loss = balance = None  # as in transformers: computed for a loss, or on request (output_router_logits)
         if outputs.router_stats is not None and (labels is not None or output_router_logits):
-            groups = self.model.expert_groups() if self.config.device_balance_groups is not None else None
-            balance, parts = balance_loss(self.config, outputs.router_stats, groups=groups)
+            balance, parts = balance_loss(self.config, outputs.router_stats, groups=self.model.expert_groups())
             aux_loss = parts["lbl"]
         loss = None
         if chunked:

@@ -75,6 +75,10 @@ class ModelArguments:
     switch_scope_at: int | None = field(default=None, metadata={"help": "optimizer step at which to switch scope"})
     switch_scope_to: str | None = field(default=None, metadata={"help": "scope to switch to at switch_scope_at"})
 
+    def load_kwargs(self) -> dict:
+        """`from_pretrained` / `from_config` kwargs of the model flags."""
+        return {"experts_implementation": self.experts_implementation} if self.experts_implementation else {}
+
     def balance_fields(self) -> dict:
         groups = self.device_balance_groups
         if groups is not None and groups != "ep":
@@ -175,7 +179,7 @@ def build_model(
     """The model to train; with a `DistributedConfig`, sharded at load time by transformers' engine (a preset is
     initialised in this process, identically on every rank from the seed, then loaded from its state dict)."""
     vocab = tokenizer_vocab_size(tokenizer)
-    kwargs = {"experts_implementation": model_args.experts_implementation} if model_args.experts_implementation else {}
+    kwargs = model_args.load_kwargs()
     if distributed_config is not None:
         kwargs["distributed_config"] = distributed_config
     if model_args.model_name_or_path:
@@ -259,10 +263,7 @@ def pretrain(argv: list[str]) -> dict:
         return {}
     trained = trainer.model
     if distributed_config is not None:  # the trained model is sharded over the ranks: evaluate the saved folder here
-        kwargs = (
-            {"experts_implementation": model_args.experts_implementation} if model_args.experts_implementation else {}
-        )
-        trained = QwenMoeGBForCausalLM.from_pretrained(out_dir, **kwargs)
+        trained = QwenMoeGBForCausalLM.from_pretrained(out_dir, **model_args.load_kwargs())
     analysis.write_json({"log_history": trainer.state.log_history}, out_dir / "log_history.json")
     (tokenizer.to_hf() if isinstance(tokenizer, ByteTokenizer) else tokenizer).save_pretrained(out_dir)
     info = (out_dir / "data_info.json", corpus, train, data_args.tokenizer, data_args.data, train_args.world_size)

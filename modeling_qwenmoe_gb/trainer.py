@@ -189,13 +189,8 @@ class GlobalBalanceMixin:
         self.model.load_state_dict(saved.state_dict())
         return True
 
-    @property
-    def sharded_at_load(self) -> bool:
-        """The model was sharded by transformers' engine when it was loaded (`distributed_config`)."""
-        return bool(getattr(self.model, "is_distributed_loading_by_transformers", False))
-
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        if self.sharded_at_load:
+        if self.is_distributed_loading_by_transformers:  # the Trainer's flag: sharded at load
             from transformers.distributed.checkpoint import _load_model_checkpoint_distributed, is_sharded_checkpoint
 
             shards = os.path.join(resume_from_checkpoint, DCP_MODEL_DIR)
@@ -211,7 +206,7 @@ class GlobalBalanceMixin:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        if self.sharded_at_load:
+        if self.is_distributed_loading_by_transformers:  # the Trainer's flag: sharded at load
             from transformers.distributed.checkpoint import save_optimizer_distributed
 
             self.model.save_pretrained(os.path.join(output_dir, DCP_MODEL_DIR), distributed_checkpoint=True)
@@ -227,7 +222,7 @@ class GlobalBalanceMixin:
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is None:
             return
-        if self.sharded_at_load:
+        if self.is_distributed_loading_by_transformers:  # the Trainer's flag: sharded at load
             from transformers.distributed.checkpoint import load_optimizer_distributed
 
             load_optimizer_distributed(self.model, self.optimizer, os.path.join(checkpoint, DCP_OPTIMIZER_DIR))
