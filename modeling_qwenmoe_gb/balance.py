@@ -12,7 +12,7 @@ Features
   every rank) and resets the buffer. `register_step_hook(optimizer)` does that as an optimizer step pre-hook.
 - Sub-groups of a given size (`sync_group_size`) emulate "synchronise within a node" for a balance-BSZ sweep.
 - Metrics per optimizer step (per layer and mean): global and micro LBL, MaxVio global and micro (micro = the micro
-  scope's groups: chunks of `balance_group_size` sequences or the micro-batch), z-loss, bias spread, and MaxVio over
+  scope's groups: chunks of `balance_group_size` sequences or the micro-batch), z-loss, bias spread (aux-free), and MaxVio over
   devices: `maxvio_device` from the global counts (devices = the expert-parallel ranks of a model sharded with EP,
   else the virtual groups of `device_balance_groups`) and, under EP with `CountingAllToAllEP`,
   `maxvio_device_delivered` from what the all-to-all delivered.
@@ -34,11 +34,11 @@ from torch import nn
 from .expert_parallel import delivered_counts, reset_delivered_counts
 from .modeling_qwenmoe_gb import (
     RouterStats,
-    _balance_fractions,
     balance_loss,
     group_matrix,
     group_sequences,
     micro_group_size,
+    per_group_lbl,
 )
 
 
@@ -79,13 +79,12 @@ def max_violation(counts: torch.Tensor) -> torch.Tensor:
     return (counts.amax(-1) - mean) / mean
 
 
-def per_layer_lbl(counts: torch.Tensor, stats: RouterStats, top_k: int) -> torch.Tensor:
+def per_layer_lbl(counts: torch.Tensor, stats: RouterStats) -> torch.Tensor:
     """E · Σ_i f_i P_i per layer (L,), no grad (a metric). `counts` (L, G, E) and `stats` grouped the same way
     (G sequence groups, averaged), or `counts` (L, E) against the whole micro-batch."""
     if counts.dim() == 2:
         counts, stats = counts[:, None], group_sequences(stats, None)
-    f, p = _balance_fractions(counts, stats.prob_sums.detach(), stats.num_tokens, top_k, counts.sum(-1) / top_k)
-    return (f.shape[-1] * (f * p).sum(-1)).mean(-1)  # (L, G) -> (L,)
+    return per_group_lbl(counts, stats.prob_sums.detach(), stats.num_tokens).mean(-1)  # (L, G) -> (L,)
 
 
 class GlobalBalancer:
@@ -131,6 +130,7 @@ class GlobalBalancer:
                 self.group, _ = dist.new_subgroups(group_size=sync_group_size)
         self._sums: dict[str, torch.Tensor] = defaultdict(lambda: 0)  # metric sums, on the model's device
         self._pending: list[tuple[RouterStats, torch.Tensor]] = []  # micro-steps whose metrics are not computed yet
+        self._pending_steps: list[torch.Tensor] = []  # (L, E) counts of optimizer steps whose metrics are not either
         self._micro_steps = 0
         self._steps = 0
         self._counted = False  # counts were added to the buffer since the last optimizer step
@@ -147,7 +147,7 @@ class GlobalBalancer:
 
     def accumulate(self, stats: RouterStats) -> torch.Tensor:
         """All-reduce this micro-step's (L, E) counts once and add them to the step buffer; returns the buffer."""
-        counts = stats.counts.detach().sum(1).round().to(torch.long)  # (L, B, E) -> (L, E)
+        counts = stats.counts.sum(1).to(torch.long)  # (L, B, E) -> (L, E); fp32 sums of 0/1 are exact below 2^24
         if self._world() > 1:
             dist.all_reduce(counts, group=self.group)
         buffer = self.step_counts
@@ -180,7 +180,8 @@ class GlobalBalancer:
     def _record(self, stats: RouterStats, global_counts: torch.Tensor) -> None:
         """Keep this micro-step's detached statistics and a snapshot of the step counts; the metrics are computed in
         one batch when they are read (`pop_metrics`), so a micro-step adds one copy of (L, E) and no host sync."""
-        detached = RouterStats(*(x.detach() for x in (stats.counts, stats.prob_sums, stats.num_tokens, stats.z_sums)))
+        fields = (stats.counts, stats.prob_sums, stats.num_tokens, stats.z_sums)
+        detached = RouterStats(*(x.detach() if x.requires_grad else x for x in fields))
         self._pending.append((detached, global_counts.clone()))
         self._micro_steps += 1
         if len(self._pending) >= self.max_pending:  # bound the memory when metrics are rarely read
@@ -188,9 +189,18 @@ class GlobalBalancer:
 
     @torch.no_grad()
     def _fold_pending(self) -> None:
-        """Per-layer metrics of the pending micro-steps, computed together for each shape: (M, L, B, E) stacks viewed
-        as (M·L, B, E) so the grouping and the losses run once for all M micro-steps."""
-        k, size = self.config.num_experts_per_tok, micro_group_size(self.config)
+        """Per-layer metrics of the pending optimizer steps ((M, L, E) counts: MaxVio) and micro-steps, computed
+        together for each shape: (M, L, B, E) stacks viewed as (M·L, B, E) so the grouping and the losses run once for
+        all M micro-steps."""
+        size = micro_group_size(self.config)
+        if self._pending_steps:  # (M, L, E): MaxVio of the optimizer steps, globally and over devices
+            counts = torch.stack(self._pending_steps).double()
+            self._pending_steps = []
+            self._add("maxvio_global", max_violation(counts).sum(0))
+            if self.device_groups is not None:
+                if self._device_matrix is None:
+                    self._device_matrix = group_matrix(self.device_groups, self.config.num_experts, counts)  # (E, D)
+                self._add("maxvio_device", max_violation(counts @ self._device_matrix).sum(0))
         by_shape: dict[tuple[int, ...], list[tuple[RouterStats, torch.Tensor]]] = defaultdict(list)
         for entry in self._pending:
             by_shape[tuple(entry[0].counts.shape)].append(entry)
@@ -202,8 +212,8 @@ class GlobalBalancer:
             global_counts = torch.stack([e[1] for e in entries]).flatten(0, 1)  # (M·L, E)
             micro = group_sequences(stats, size)  # (M·L, G, E): the micro-scope groups
             z = stats.z_sums.sum(-1) / stats.num_tokens.sum(-1).clamp_min(1.0)  # (M·L,) z-loss per layer
-            self._add("micro_lbl", _sum_steps(per_layer_lbl(micro.counts, micro, k), m))
-            self._add("global_lbl", _sum_steps(per_layer_lbl(global_counts, stats, k), m))
+            self._add("micro_lbl", _sum_steps(per_layer_lbl(micro.counts, micro), m))
+            self._add("global_lbl", _sum_steps(per_layer_lbl(global_counts, stats), m))
             self._add("maxvio_micro", _sum_steps(max_violation(micro.counts).mean(-1), m))
             self._add("z_loss", _sum_steps(z.double(), m).mean())
 
@@ -214,29 +224,31 @@ class GlobalBalancer:
     @torch.no_grad()
     def step(self) -> None:
         """At the optimizer step: update aux-free biases from the step's global counts, then reset the buffer.
-        No host sync: the metrics of the step stay on the device until they are read."""
+        No host sync, and no metric work: a copy of the step's counts waits for `pop_metrics`, which computes the
+        MaxVio of all the steps since the last read at once."""
         if not self._counted:
             return
         counts = self.step_counts
-        self._add("maxvio_global", max_violation(counts))
         self._last_step_counts = counts.clone()
+        self._pending_steps.append(self._last_step_counts)
         if self.device_groups is not None:
-            loads = counts.double()  # (L, E)
-            if self._device_matrix is None:
-                self._device_matrix = group_matrix(self.device_groups, self.config.num_experts, loads)  # (E, D)
-            self._add("maxvio_device", max_violation(loads @ self._device_matrix))
             delivered = delivered_counts(self.model, self.config.num_experts)  # (L, E), summed over ranks
             if delivered is not None:
+                if self._device_matrix is None:
+                    self._device_matrix = group_matrix(self.device_groups, self.config.num_experts, delivered.double())
                 self.last_delivered_counts = delivered
                 self._add("maxvio_device_delivered", max_violation(delivered.double() @ self._device_matrix))
                 reset_delivered_counts(self.model)
         if self.config.aux_free and self.bias_update == "global":
             self._update_biases(counts)
-        bias = torch.stack([r.expert_bias for r in self.moe_model.moe_routers()])  # (L, E)
-        self._add("bias_spread", (bias.amax(-1) - bias.amin(-1)).double())
+        if self.config.aux_free:  # the bias moves the selection only with aux-free routing
+            bias = torch.stack([r.expert_bias for r in self.moe_model.moe_routers()])  # (L, E)
+            self._add("bias_spread", (bias.amax(-1) - bias.amin(-1)).double())
         counts.zero_()
         self._counted = False
         self._steps += 1
+        if len(self._pending_steps) >= self.max_pending:
+            self._fold_pending()
 
     @property
     def last_step_load(self) -> torch.Tensor | None:
@@ -261,7 +273,7 @@ class GlobalBalancer:
 
     def load_state_dict(self, state: dict) -> None:
         device = self.step_counts.device
-        self._pending = []
+        self._pending, self._pending_steps = [], []
         self._sums = defaultdict(lambda: 0, {k: v.to(device) for k, v in state["sums"].items()})
         self._micro_steps, self._steps = state["micro_steps"], state["steps"]
         last = state["last_step_counts"]

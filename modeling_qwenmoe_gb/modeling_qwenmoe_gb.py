@@ -94,95 +94,87 @@ def router_statistics(
     router_logits: torch.Tensor,
     router_probs: torch.Tensor,
     top_k_index: torch.Tensor,
-    token_mask: torch.Tensor,
+    token_mask: torch.Tensor | None = None,
     z_grad: bool = True,
+    batch_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sequence statistics of the routers from what they already computed (no second pass, O(B·E) output), for
     one layer or for all layers at once (the model stacks them: one set of ops whatever the depth).
 
     router_logits (..., T, E), router_probs (..., T, E) fp32, top_k_index (..., T, K), token_mask (B, S) with 1 for
-    real tokens; `...` is () for one layer or (L,). Returns counts (..., B, E), prob_sums (..., B, E), num_tokens
-    (..., B), z_sums (..., B), all fp32. `z_grad=False` computes z_sums as a metric only (no graph), so autograd keeps
-    no fp32 copy of the logits for a z-loss that is off.
+    real tokens, or None when every token is real (then `batch_size` is B, and no masking op runs); `...` is () for
+    one layer or (L,). Returns counts (..., B, E), prob_sums (..., B, E), num_tokens (..., B), z_sums (..., B), all
+    fp32. `z_grad=False` computes z_sums as a metric only (no graph), so autograd keeps no fp32 copy of the logits for
+    a z-loss that is off.
     """
     lead = router_probs.shape[:-2]  # () or (L,)
-    batch, seq = token_mask.shape
     num_experts, top_k = router_probs.shape[-1], top_k_index.shape[-1]
-    mask = token_mask.to(torch.float32)  # (B, S); the model passes it as fp32 already
+    if token_mask is None and batch_size is None:
+        raise ValueError("router_statistics needs token_mask (B, S) or, when every token is real, batch_size")
+    batch = batch_size if token_mask is None else token_mask.shape[0]
+    seq = router_probs.shape[-2] // batch
+    mask = None if token_mask is None else token_mask.to(torch.float32)  # (B, S); the model passes fp32 already
     with torch.no_grad():
         index = top_k_index.reshape(*lead, batch, seq * top_k)  # (..., B, S·K)
-        weights = mask.repeat_interleave(top_k, dim=1).expand_as(index)  # each selection counts as its token does
-        counts = mask.new_zeros(*lead, batch, num_experts).scatter_add_(-1, index, weights)  # (..., B, E)
-    prob_sums = (router_probs.reshape(*lead, batch, seq, num_experts) * mask[..., None]).sum(-2)  # (..., B, E)
+        if mask is None:  # every selection counts once
+            weights = torch.ones((), device=index.device).expand(index.shape)
+        else:  # each selection counts as its token does
+            weights = mask.repeat_interleave(top_k, dim=1).expand_as(index)
+        counts = weights.new_zeros(*lead, batch, num_experts).scatter_add_(-1, index, weights)  # (..., B, E)
+    probs = router_probs.reshape(*lead, batch, seq, num_experts)  # (..., B, S, E)
+    prob_sums = (probs if mask is None else probs * mask[..., None]).sum(-2)  # (..., B, E)
     with contextlib.nullcontext() if z_grad else torch.no_grad():  # a branch, not set_grad_enabled(flag): compiles
-        lse = torch.logsumexp(router_logits.float(), dim=-1)  # (..., T)
-        z_sums = (lse.square().reshape(*lead, batch, seq) * mask).sum(-1)  # (..., B)
-    num_tokens = mask.sum(1).expand(*lead, batch)  # (..., B)
+        lse_sq = torch.logsumexp(router_logits.float(), dim=-1).square().reshape(*lead, batch, seq)  # (..., B, S)
+        z_sums = (lse_sq if mask is None else lse_sq * mask).sum(-1)  # (..., B)
+    if mask is None:
+        num_tokens = torch.full((*lead, batch), float(seq), device=counts.device)  # (..., B)
+    else:
+        num_tokens = mask.sum(1).expand(*lead, batch)  # (..., B)
     return counts, prob_sums, num_tokens, z_sums
 
 
-def _balance_fractions(
-    counts: torch.Tensor,
-    prob_sums: torch.Tensor,
-    num_tokens: torch.Tensor | float,
-    top_k: int,
-    count_tokens: torch.Tensor | float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """f_i = counts_i / (K · count_tokens) (no grad) and P_i = prob_sums_i / num_tokens, shapes (..., E).
+def per_group_lbl(counts: torch.Tensor, prob_sums: torch.Tensor, num_tokens: torch.Tensor | float) -> torch.Tensor:
+    """N · Σ_n f_n · P_n over the last dim (N experts, or groups of experts), for every leading index (layers,
+    sequence groups): shape (...,). f_n = counts_n / Σ_m counts_m, the share of the top-k selections (every token makes
+    K of them, so this is counts_n / (K · tokens counted)), no grad; P_n = prob_sums_n / num_tokens.
 
-    `count_tokens` is the number of tokens the counts were taken over (defaults to `num_tokens`): for the global
-    scope the counts (and so f) cover the whole step while P stays local.
-    """
-    dtype = torch.promote_types(prob_sums.dtype, torch.float32)  # fp32, or fp64 for gradcheck
-    num_tokens = torch.as_tensor(num_tokens, device=prob_sums.device).to(dtype)
-    count_tokens = num_tokens if count_tokens is None else torch.as_tensor(count_tokens, device=prob_sums.device)
-    f = counts.detach().to(dtype) / (top_k * count_tokens.to(dtype)).clamp_min(1.0).unsqueeze(-1)  # (..., E)
-    p = prob_sums.to(dtype) / num_tokens.clamp_min(1.0).unsqueeze(-1)  # (..., E)
-    return f, p
-
-
-def _lbl(f: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """N · Σ_n f_n · P_n over the last dim (N experts or groups), averaged over every leading dim (layers, ...)."""
-    return (f.shape[-1] * (f * p).sum(-1)).mean()
+    counts (..., N) of any dtype (the global scope passes the step's int64 counts), prob_sums (..., N) float,
+    num_tokens (...) or a scalar: the tokens of P, which for the global scope are local while the counts cover the
+    whole step. A group with no tokens gives 0."""
+    if counts.requires_grad:
+        counts = counts.detach()
+    dot = (counts * prob_sums).sum(-1)  # (...,): Σ_n c_n · Σ_t p_t,n
+    norm = counts.sum(-1) * num_tokens  # (...,): (K · tokens of f) · (tokens of P)
+    return counts.shape[-1] * dot / norm.clamp_min(1.0)
 
 
 def switch_balance_loss(
-    counts: torch.Tensor,
-    prob_sums: torch.Tensor,
-    num_tokens: torch.Tensor | float,
-    top_k: int,
-    count_tokens: torch.Tensor | float | None = None,
+    counts: torch.Tensor, prob_sums: torch.Tensor, num_tokens: torch.Tensor | float
 ) -> torch.Tensor:
-    """Expert-level load-balancing loss E · Σ_i f_i · P_i, 1.0 at perfect balance, averaged over layers.
+    """Expert-level load-balancing loss E · Σ_i f_i · P_i (`per_group_lbl`), 1.0 at perfect balance, averaged over
+    every leading dim (layers, sequence groups).
 
-    counts, prob_sums: (L, E) or (E,) (any leading dims are averaged); num_tokens: (L,) or scalar.
+    counts, prob_sums: (L, E), (L, G, E) or (E,); num_tokens: their leading shape, or a scalar.
     transformers' `load_balancing_loss_func` does not divide f by K (its balanced value is K), so on one layer it
     equals K times this loss.
     """
-    return _lbl(*_balance_fractions(counts, prob_sums, num_tokens, top_k, count_tokens))
+    return per_group_lbl(counts, prob_sums, num_tokens).mean()
 
 
 def group_matrix(groups: list[list[int]], num_experts: int, like: torch.Tensor) -> torch.Tensor:
     """(E, D) 0/1 matrix (dtype and device of `like`) that sums expert columns into their group."""
-    matrix = like.new_zeros(num_experts, len(groups))
-    for d, members in enumerate(groups):
-        matrix[members, d] = 1.0
-    return matrix
+    member = [set(g) for g in groups]
+    rows = [[float(e in m) for m in member] for e in range(num_experts)]
+    return torch.tensor(rows, dtype=like.dtype, device=like.device)
 
 
 def device_balance_loss(
-    counts: torch.Tensor,
-    prob_sums: torch.Tensor,
-    num_tokens: torch.Tensor | float,
-    top_k: int,
-    groups: list[list[int]],
-    count_tokens: torch.Tensor | float | None = None,
+    counts: torch.Tensor, prob_sums: torch.Tensor, num_tokens: torch.Tensor | float, groups: list[list[int]]
 ) -> torch.Tensor:
     """Device-level loss (DeepSeek-V2): the expert-level loss over groups as super-experts, D · Σ_d F_d · P_d with
     F_d = Σ_{i∈d} f_i and P_d = Σ_{i∈d} P_i. 1.0 at balance; a single group is constant 1."""
-    f, p = _balance_fractions(counts, prob_sums, num_tokens, top_k, count_tokens)
-    g = group_matrix(groups, f.shape[-1], f)  # (E, D)
-    return _lbl(f @ g, p @ g)  # (..., D)
+    g = group_matrix(groups, counts.shape[-1], prob_sums)  # (E, D)
+    return switch_balance_loss(counts.to(g.dtype) @ g, prob_sums @ g, num_tokens)  # (..., D)
 
 
 def router_z_loss(z_sums: torch.Tensor, num_tokens: torch.Tensor | float) -> torch.Tensor:
@@ -223,40 +215,39 @@ def balance_loss(
     global_counts: torch.Tensor | None = None,
     groups: list[list[int]] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The configured balance losses for one micro-batch, weighted and summed, plus the unweighted parts.
+    """The configured balance losses for one micro-batch, weighted and summed, plus the unweighted terms.
 
     `global_counts` (L, E): counts of the whole step so far (all-reduced over data-parallel ranks and buffered over
     micro-steps), used for f when `config.balance_scope == "global"`; without it the global scope falls back to the
     micro-batch (exact for one process and no accumulation). P is always local. `groups`: the device-level partition
     (default `config.expert_groups()`; the model passes its own, which resolves `"ep"`).
-    Parts: `lbl` (expert-level, at the configured scope), `micro_lbl` (at the micro grouping: chunks of
-    `balance_group_size` sequences, or the whole micro-batch), `device_lbl`, `z_loss`.
+    Terms: `lbl` (expert-level, at the configured scope) always, and those that enter the total: `micro_lbl` (at the
+    micro grouping, chunks of `balance_group_size` sequences or the whole micro-batch: the global scope with
+    `micro_balance_coef > 0`), `device_lbl` (with device groups), `z_loss` (`router_z_loss_coef > 0`). Nothing the
+    total does not use is computed (the balancer's metrics come from the statistics, later, in one batch).
     """
-    k = config.num_experts_per_tok
-    whole = group_sequences(stats, None)  # (L, 1, E), (L, 1)
-    size = micro_group_size(config)
-    micro = whole if size is None else group_sequences(stats, size)  # (L, G, E), (L, G)
-    micro_lbl = switch_balance_loss(micro.counts, micro.prob_sums, micro.num_tokens, k)
-    f_tokens = None  # tokens the counts of f were taken over, when not the local ones
-    if config.balance_scope == "global" and global_counts is not None:
-        scoped, f_counts, f_tokens = whole, global_counts[:, None], global_counts.sum(-1, True) / k
-    elif config.balance_scope == "global":
-        scoped, f_counts = whole, whole.counts
+    parts = {}
+    if config.balance_scope == "global":
+        f_counts = stats.counts.sum(1) if global_counts is None else global_counts  # (L, E)
+        prob_sums, num_tokens = stats.prob_sums.sum(1), stats.num_tokens.sum(1)  # (L, E), (L,): P stays local
+        parts["lbl"] = switch_balance_loss(f_counts, prob_sums, num_tokens)
+        total = config.router_aux_loss_coef * parts["lbl"]
+        if config.micro_balance_coef > 0:
+            micro = group_sequences(stats, config.balance_group_size)  # (L, G, ·)
+            parts["micro_lbl"] = switch_balance_loss(micro.counts, micro.prob_sums, micro.num_tokens)
+            total = total + config.micro_balance_coef * parts["micro_lbl"]
     else:
-        scoped, f_counts = micro, micro.counts
-    local_f = scoped is micro and f_tokens is None  # f at the micro grouping: the same loss as micro_lbl
-    lbl = micro_lbl if local_f else switch_balance_loss(f_counts, scoped.prob_sums, scoped.num_tokens, k, f_tokens)
-    parts = {"lbl": lbl, "micro_lbl": micro_lbl}
-    total = config.router_aux_loss_coef * parts["lbl"]
-    if config.micro_balance_coef > 0 and config.balance_scope == "global":
-        total = total + config.micro_balance_coef * parts["micro_lbl"]
+        micro = group_sequences(stats, micro_group_size(config))  # (L, G, ·)
+        f_counts, prob_sums, num_tokens = micro.counts, micro.prob_sums, micro.num_tokens
+        parts["lbl"] = switch_balance_loss(f_counts, prob_sums, num_tokens)
+        total = config.router_aux_loss_coef * parts["lbl"]
     if groups is None:
         groups = config.expert_groups()
     if groups is not None:
-        parts["device_lbl"] = device_balance_loss(f_counts, scoped.prob_sums, scoped.num_tokens, k, groups, f_tokens)
+        parts["device_lbl"] = device_balance_loss(f_counts, prob_sums, num_tokens, groups)
         total = total + config.device_balance_coef * parts["device_lbl"]
-    parts["z_loss"] = router_z_loss(stats.z_sums, stats.num_tokens)
     if config.router_z_loss_coef > 0:
+        parts["z_loss"] = router_z_loss(stats.z_sums, stats.num_tokens)
         total = total + config.router_z_loss_coef * parts["z_loss"]
     return total, parts
 
@@ -272,42 +263,53 @@ def loss_chunk_tokens(chunk_size: int | None, vocab_size: int) -> int:
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Σ_t CE(h_t · Wᵀ, y_t) over the non-ignored tokens, chunk by chunk: the forward computes each chunk's logits,
-    its loss and its gradients at once (softmax − one-hot), so no (T, V) tensor outlives a chunk; autograd keeps only
-    dL/dh (T, D) and dL/dW (V, D), which the backward scales by the incoming gradient."""
+    """Σ_t CE(h_t · Wᵀ, y_t) over the valid (non-ignored) tokens, chunk by chunk: the forward computes each chunk's
+    logits, its loss and its gradients at once, so no (T, V) tensor outlives a chunk; autograd keeps only dL/dh (T, D)
+    and dL/dW (V, D), which the backward scales by the incoming gradient.
+
+    The gradient of the logits is softmax − one-hot. Per chunk only the softmax part is multiplied out (seven ops a
+    chunk); the one-hot part is applied once, to all tokens: dL/dh −= W[y] and dL/dW −= Σ_t onehot(y_t) h_tᵀ (an
+    index_add). Ignored tokens have their hidden rows zeroed (no dL/dW; their logits' values do not matter) and their
+    dL/dh rows zeroed at the end."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size: int, ignore_index: int):
-        # hidden (T, D), weight (V, D), targets (T,)
+    def forward(ctx, hidden, weight, targets, valid, chunk_size: int, ignore_index: int):
+        # hidden (T, D), weight (V, D), targets (T,), valid (T,) bool
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32 as transformers' `.float()`; fp64 stays
-        grad_hidden = torch.empty_like(hidden) if want_h else None  # (T, D)
-        grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if want_w else None
-        valid = (targets != ignore_index).to(dtype)[:, None]  # (T, 1): 0 for ignored tokens
-        one_hot_index = torch.where(targets != ignore_index, targets, 0)[:, None]  # (T, 1)
-        total = 0.0
-        for start in range(0, hidden.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
-            h = hidden[rows]  # (C, D)
-            log_probs = torch.log_softmax((h @ weight.t()).to(dtype), dim=-1)  # (C, V): the LM head + `.float()`
-            total = total + F.nll_loss(log_probs, targets[rows], ignore_index=ignore_index, reduction="sum")
+        dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32  # transformers' `.float()`
+        valid = valid[:, None]  # (T, 1)
+        hidden = hidden * valid  # (T, D): ignored rows zero
+        weight_t = weight.t()  # (D, V)
+        losses, grad_rows, grad_weight = [], [], None
+        for h, y in zip(hidden.split(chunk_size), targets.split(chunk_size)):  # (C, D), (C,)
+            log_probs = torch.log_softmax((h @ weight_t).to(dtype), dim=-1)  # (C, V): the LM head + `.float()`
+            losses.append(F.nll_loss(log_probs, y, ignore_index=ignore_index, reduction="sum"))
             if want_h or want_w:
-                grad = log_probs.exp_()  # (C, V) softmax, in place
-                grad.scatter_add_(1, one_hot_index[rows], -valid[rows]).mul_(valid[rows])  # − one-hot, ignored rows 0
-                grad = grad.to(hidden.dtype)  # the dtype autograd gives the logits' gradient
+                probs = log_probs.exp_().to(hidden.dtype)  # (C, V) softmax, in place; the logits' gradient dtype
                 if want_h:
-                    grad_hidden[rows] = grad @ weight  # (C, D)
-                if want_w:
-                    grad_weight += (grad.t() @ h).to(dtype)  # (V, D)
+                    grad_rows.append(probs @ weight)  # (C, D)
+                if want_w and grad_weight is None:
+                    grad_weight = (probs.t() @ h).to(dtype)  # (V, D), summed in fp32
+                elif want_w and grad_weight.dtype == probs.dtype:
+                    grad_weight.addmm_(probs.t(), h)
+                elif want_w:
+                    grad_weight += (probs.t() @ h).to(dtype)  # bf16 products, fp32 sum
+        safe = targets.clamp(0, weight.shape[0] - 1)  # (T,): each token's one-hot column (ignored tokens: any)
+        grad_hidden = None
+        if want_h:  # (T, D): softmax part − W[y], ignored rows 0
+            grad_hidden = (grad_rows[0] if len(grad_rows) == 1 else torch.cat(grad_rows))
+            grad_hidden = grad_hidden.sub_(F.embedding(safe, weight)).mul_(valid)
+        if want_w:  # − Σ_t onehot(y_t) h_tᵀ (ignored rows of h are 0)
+            grad_weight.index_add_(0, safe, hidden.to(dtype), alpha=-1)
         ctx.save_for_backward(grad_hidden, grad_weight)
-        return total
+        return losses[0] if len(losses) == 1 else torch.stack(losses).sum()
 
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
         dh = None if grad_hidden is None else grad_hidden * grad_output.to(grad_hidden.dtype)
         dw = None if grad_weight is None else grad_weight * grad_output
-        return dh, dw, None, None, None
+        return dh, dw, None, None, None, None
 
 
 def chunked_linear_cross_entropy(
@@ -328,10 +330,11 @@ def chunked_linear_cross_entropy(
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]  # (B, S): tokens < n predict n
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])  # (T, D)
     targets = shift_labels.reshape(-1).to(hidden.device)  # (T,)
+    valid = targets != ignore_index  # (T,)
     chunk = loss_chunk_tokens(chunk_size, weight.shape[0])
-    total = _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk, ignore_index)
+    total = _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, valid, chunk, ignore_index)
     if num_items_in_batch is None:
-        return total / (targets != ignore_index).sum()
+        return total / valid.sum()
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch
@@ -537,11 +540,12 @@ class QwenMoeGBCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     balance_loss: torch.Tensor | None = None
 
 
-def token_mask_from(attention_mask: torch.Tensor | None, batch: int, seq: int, device: torch.device) -> torch.Tensor:
-    """(B, S) fp32 mask of real tokens for the router statistics; a 2-D attention mask covers past + current tokens."""
+def token_mask_from(attention_mask: torch.Tensor | None, seq: int, device: torch.device) -> torch.Tensor | None:
+    """(B, S) fp32 mask of real tokens for the router statistics (a 2-D attention mask covers past + current tokens),
+    or None when there is no 2-D mask: every token is real."""
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
         return attention_mask[:, -seq:].to(device=device, dtype=torch.float32)
-    return torch.ones(batch, seq, dtype=torch.float32, device=device)
+    return None
 
 
 class QwenMoeGBModel(QwenMoeGBPreTrainedModel):
@@ -604,7 +608,7 @@ class QwenMoeGBModel(QwenMoeGBPreTrainedModel):
             past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[None]
         batch, seq = inputs_embeds.shape[:2]
-        token_mask = token_mask_from(attention_mask, batch, seq, inputs_embeds.device)
+        token_mask = token_mask_from(attention_mask, seq, inputs_embeds.device)
         if not isinstance(mask_mapping := attention_mask, dict):
             mask_kwargs = {
                 "config": self.config,
@@ -636,7 +640,7 @@ class QwenMoeGBModel(QwenMoeGBPreTrainedModel):
         if routings:  # every MoE layer's statistics in one set of ops: (L, T, E), (L, T, E), (L, T, K) stacked
             logits, probs, index = (torch.stack(x) for x in zip(*routings))
             z_grad = self.config.router_z_loss_coef > 0  # z-loss off: its statistic is a metric, out of the graph
-            router_stats = RouterStats(*router_statistics(logits, probs, index, token_mask, z_grad))  # (L, B, ·)
+            router_stats = RouterStats(*router_statistics(logits, probs, index, token_mask, z_grad, batch))  # (L, B, ·)
         return QwenMoeGBModelOutputWithPast(
             last_hidden_state=self.norm(hidden_states),
             router_stats=router_stats,
@@ -674,9 +678,10 @@ class QwenMoeGBForCausalLM(QwenMoeGBPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> QwenMoeGBCausalLMOutputWithPast:
         r"""Causal LM forward. With `labels`, `loss` = CE (+ the micro-scope balance losses when `add_balance_loss`,
-        which defaults to `self.training`); `aux_loss` is the expert-level LBL (1.0 at balance; with labels or
-        `output_router_logits`, as in transformers) and `router_stats` carries the statistics a trainer needs for the
-        global scope. A trainer that adds the balance loss itself passes `add_balance_loss=False`.
+        which defaults to `self.training`); `aux_loss` is the expert-level LBL (1.0 at balance), returned when it is
+        added to the loss or on request (`output_router_logits`, as in transformers); `router_stats` carries the
+        statistics a trainer needs for the global scope. A trainer that adds the balance loss itself passes
+        `add_balance_loss=False`, and the model computes none.
 
         Training with labels computes the CE chunk by chunk from the hidden states (`loss_implementation="chunked"`)
         when the tokens exceed one chunk (`loss_chunk_size`): no (T, V) logits exist and `logits` is None, unless
@@ -706,20 +711,17 @@ class QwenMoeGBForCausalLM(QwenMoeGBPreTrainedModel, GenerationMixin):
         chunked = chunked and hidden_states.shape[0] * hidden_states.shape[1] > chunk_size  # one chunk: plain path
         logits = None if chunked else self.lm_head(hidden_states)  # (B, S', V)
 
-        aux_loss = balance = None  # as in transformers: computed for a loss, or on request (output_router_logits)
-        if outputs.router_stats is not None and (labels is not None or output_router_logits):
-            balance, parts = balance_loss(self.config, outputs.router_stats, groups=self.model.expert_groups())
-            aux_loss = parts["lbl"]
         loss = None
         if chunked:
             loss = self.lm_head(hidden_states, labels, chunk_size=chunk_size, **kwargs)
         elif labels is not None:
             loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
-        if (
-            loss is not None
-            and balance is not None
-            and (self.training if add_balance_loss is None else add_balance_loss)
-        ):
+        add_balance = loss is not None and (self.training if add_balance_loss is None else add_balance_loss)
+        aux_loss = balance = None  # computed for the loss, or on request (output_router_logits), as in transformers
+        if outputs.router_stats is not None and (add_balance or output_router_logits):
+            balance, parts = balance_loss(self.config, outputs.router_stats, groups=self.model.expert_groups())
+            aux_loss = parts["lbl"]
+        if add_balance and balance is not None:
             loss = loss + balance.to(loss.device)
         return QwenMoeGBCausalLMOutputWithPast(
             loss=loss,

@@ -44,7 +44,7 @@ def test_max_violation_and_per_layer_lbl_by_hand():
     torch.testing.assert_close(max_violation(counts), torch.tensor([1.0, 0.0], dtype=torch.float64))
     model = QwenMoeGBForCausalLM(make_config()).eval()
     stats = model(input_ids=batch_for(0, 0)).router_stats
-    lbl = per_layer_lbl(stats.counts.sum(1), stats, 2)
+    lbl = per_layer_lbl(stats.counts.sum(1), stats)
     f = stats.counts.sum(1) / stats.counts.sum((1, 2))[:, None]
     p = stats.prob_sums.sum(1) / stats.num_tokens.sum(1)[:, None]
     torch.testing.assert_close(lbl, 8 * (f * p).sum(-1))

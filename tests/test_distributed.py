@@ -117,7 +117,7 @@ def test_accumulation_buffer_uses_micro_steps_one_to_m_of_both_ranks(workdir):
                 torch.testing.assert_close(seen["buffers"][micro], running, rtol=0, atol=0)
                 stats = model(input_ids=batch_for(step=micro, rank=rank)).router_stats
                 expected = switch_balance_loss(
-                    running, stats.prob_sums.sum(1), stats.num_tokens.sum(1), 2, running.sum(-1) / 2
+                    running, stats.prob_sums.sum(1), stats.num_tokens.sum(1)
                 )
                 torch.testing.assert_close(seen["lbl"][micro], expected, rtol=1e-5, atol=1e-7)
     rate = model.config.aux_free_bias_update_rate
@@ -221,7 +221,7 @@ def test_uneven_last_batch_counts_every_rank_once(workdir):
         seen = torch.load(workdir / f"uneven_rank{rank}.pt")
         torch.testing.assert_close(seen["counts"], total, rtol=0, atol=0)
         local = stats[rank]
-        expected = switch_balance_loss(total, local.prob_sums.sum(1), local.num_tokens.sum(1), 2, total.sum(-1) / 2)
+        expected = switch_balance_loss(total, local.prob_sums.sum(1), local.num_tokens.sum(1))
         torch.testing.assert_close(seen["lbl"], expected, rtol=1e-5, atol=1e-7)
 
 

@@ -46,7 +46,7 @@ def reference_lbl(logits, top_k, mask=None):
 def test_micro_lbl_equals_transformers_divided_by_k(top_k):
     logits = torch.randn(3 * 7, 8)
     counts, prob_sums, n, _ = stats_from_logits(logits, top_k, torch.ones(3, 7))
-    ours = switch_balance_loss(counts.sum(0), prob_sums.sum(0), n.sum(), top_k)
+    ours = switch_balance_loss(counts.sum(0), prob_sums.sum(0), n.sum())
     theirs = load_balancing_loss_func((logits,), 8, top_k)
     torch.testing.assert_close(ours * top_k, theirs, rtol=1e-6, atol=1e-6)
     assert ours.item() == pytest.approx(reference_lbl(logits, top_k), rel=1e-6)
@@ -59,7 +59,7 @@ def test_lbl_padding_invariance_and_transformers_mask():
     mask[0, :2] = 0
     mask[2, 4:] = 0
     counts, prob_sums, n, _ = stats_from_logits(logits, top_k, mask)
-    ours = switch_balance_loss(counts.sum(0), prob_sums.sum(0), n.sum(), top_k)
+    ours = switch_balance_loss(counts.sum(0), prob_sums.sum(0), n.sum())
     theirs = load_balancing_loss_func((logits,), 8, top_k, attention_mask=mask)
     torch.testing.assert_close(ours * top_k, theirs, rtol=1e-6, atol=1e-6)
     kept = logits[mask.reshape(-1).bool()]
@@ -72,7 +72,7 @@ def test_lbl_padding_invariance_and_transformers_mask():
 def test_lbl_perfect_balance_is_one_and_gradcheck():
     counts = torch.full((2, 4), 6.0)
     prob_sums = torch.full((2, 4), 3.0)
-    assert switch_balance_loss(counts, prob_sums, torch.tensor([12.0, 12.0]), 2).item() == pytest.approx(1.0)
+    assert switch_balance_loss(counts, prob_sums, torch.tensor([12.0, 12.0])).item() == pytest.approx(1.0)
 
     mask = torch.ones(2, 5)
     mask[1, 3:] = 0
@@ -81,7 +81,7 @@ def test_lbl_perfect_balance_is_one_and_gradcheck():
 
     def loss(x):
         c, p, n, _ = router_statistics(x, x.softmax(-1), index, mask)
-        return switch_balance_loss(c, p, n, 2) + device_balance_loss(c, p, n, 2, [[0, 1], [2, 3, 4, 5]])
+        return switch_balance_loss(c, p, n) + device_balance_loss(c, p, n, [[0, 1], [2, 3, 4, 5]])
 
     assert torch.autograd.gradcheck(loss, (logits,))
 
@@ -98,7 +98,7 @@ def reference_device_loss(counts, prob_sums, num_tokens, top_k, groups):
 def test_device_loss_against_float64(groups):
     logits = torch.randn(40, 8)
     c, p, n, _ = stats_from_logits(logits, 2, torch.ones(1, 40))
-    ours = device_balance_loss(c[0], p[0], n[0], 2, groups)
+    ours = device_balance_loss(c[0], p[0], n[0], groups)
     assert ours.item() == pytest.approx(reference_device_loss(c[0], p[0], 40.0, 2, groups), rel=1e-6)
 
 
@@ -110,9 +110,9 @@ def test_device_loss_limits():
     n = torch.cat([s[2] for s in stats])
     singletons = [[i] for i in range(8)]
     torch.testing.assert_close(
-        device_balance_loss(counts, probs, n, 2, singletons), switch_balance_loss(counts, probs, n, 2)
+        device_balance_loss(counts, probs, n, singletons), switch_balance_loss(counts, probs, n)
     )
-    one = device_balance_loss(counts, probs, n, 2, [list(range(8))])
+    one = device_balance_loss(counts, probs, n, [list(range(8))])
     assert one.item() == pytest.approx(1.0, abs=1e-6)
 
 
@@ -123,7 +123,7 @@ def test_layers_are_averaged_not_pooled():
     probs = torch.cat([s[1] for s in per_layer])
     n = torch.cat([s[2] for s in per_layer])
     expected = sum(reference_lbl(x, 2) for x in logits) / 2
-    assert switch_balance_loss(counts, probs, n, 2).item() == pytest.approx(expected, rel=1e-6)
+    assert switch_balance_loss(counts, probs, n).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_z_loss_against_direct_computation():
@@ -148,7 +148,7 @@ def test_micro_groups_average_the_chunk_losses():
     stats, logits = make_stats(batch=5, seq=4)
     for size in (1, 2, 5):
         grouped = group_sequences(stats, size)
-        ours = switch_balance_loss(grouped.counts, grouped.prob_sums, grouped.num_tokens, 2)
+        ours = switch_balance_loss(grouped.counts, grouped.prob_sums, grouped.num_tokens)
         chunks = [list(range(b, min(b + size, 5))) for b in range(0, 5, size)]
         expected = 0.0
         for layer, chunk in itertools.product(range(2), chunks):
@@ -168,19 +168,19 @@ def test_balance_loss_scopes():
     # other global counts change f but not P
     other = torch.rand(2, 8) * 10
     g2, p2 = balance_loss(tiny_config(balance_scope="global"), stats, global_counts=other)
-    expected = switch_balance_loss(other, stats.prob_sums.sum(1), stats.num_tokens.sum(1), 2, other.sum(-1) / 2)
+    expected = switch_balance_loss(other, stats.prob_sums.sum(1), stats.num_tokens.sum(1))
     torch.testing.assert_close(p2["lbl"], expected)
     seq, sparts = balance_loss(tiny_config(balance_scope="sequence"), stats)
     grouped = group_sequences(stats, 1)
     torch.testing.assert_close(
-        sparts["lbl"], switch_balance_loss(grouped.counts, grouped.prob_sums, grouped.num_tokens, 2)
+        sparts["lbl"], switch_balance_loss(grouped.counts, grouped.prob_sums, grouped.num_tokens)
     )
     cfg = tiny_config(device_balance_groups=2, device_balance_coef=0.5, router_z_loss_coef=0.01, micro_balance_coef=0.2)
     total, parts = balance_loss(cfg, stats, global_counts=other)
     expected = 0.1 * parts["lbl"] + 0.2 * parts["micro_lbl"] + 0.5 * parts["device_lbl"] + 0.01 * parts["z_loss"]
     torch.testing.assert_close(total, expected)
     dev = device_balance_loss(
-        other, stats.prob_sums.sum(1), stats.num_tokens.sum(1), 2, [[0, 1, 2, 3], [4, 5, 6, 7]], other.sum(-1) / 2
+        other, stats.prob_sums.sum(1), stats.num_tokens.sum(1), [[0, 1, 2, 3], [4, 5, 6, 7]]
     )
     torch.testing.assert_close(parts["device_lbl"], dev)
 
