@@ -100,6 +100,9 @@ class GlobalBalancer:
         bias_update: `"global"` (default): aux-free biases move once per optimizer step from the step's global counts;
             `"micro"`: after every micro-batch from its local counts (the baseline the global update is compared to).
         max_pending: micro-steps whose metrics may wait for `pop_metrics` before they are computed (memory bound).
+        compile: put the balance loss (`balance_loss`, forward and backward) through `torch.compile`, as one graph of a
+            few fused kernels instead of about 25 small eager ops; for a compiled model (the Trainer sets it from
+            `TrainingArguments.torch_compile`). The all-reduce and the buffer updates stay eager.
     """
 
     def __init__(
@@ -109,11 +112,13 @@ class GlobalBalancer:
         sync_group_size: int | None = None,
         bias_update: str = "global",
         max_pending: int = 64,
+        compile: bool = False,
     ):
         if bias_update not in ("global", "micro"):
             raise ValueError(f"bias_update={bias_update!r} is unknown: allowed ['global', 'micro']")
         self.bias_update = bias_update
         self.max_pending = max_pending
+        self._loss = torch.compile(self._balance_loss, fullgraph=True) if compile else self._balance_loss
         self.moe_model = find_moe_model(model)
         self.config = self.moe_model.config
         self.model = model
@@ -129,12 +134,15 @@ class GlobalBalancer:
             if dist.is_initialized():
                 self.group, _ = dist.new_subgroups(group_size=sync_group_size)
         self._sums: dict[str, torch.Tensor] = defaultdict(lambda: 0)  # metric sums, on the model's device
-        self._pending: list[tuple[RouterStats, torch.Tensor]] = []  # micro-steps whose metrics are not computed yet
-        self._pending_steps: list[torch.Tensor] = []  # (L, E) counts of optimizer steps whose metrics are not either
+        # The all-reduced (L, E) counts each micro-step added to the step buffer, in order: fresh tensors, never
+        # mutated, so the metrics can refer to them instead of copying the buffer (their sums are taken when read).
+        self._increments: list[torch.Tensor] = []
+        self._last_step: list[torch.Tensor] = []  # the increments of the last optimizer step
+        self._pending: list[tuple[RouterStats, list[torch.Tensor]]] = []  # micro-steps whose metrics wait
+        self._pending_steps: list[list[torch.Tensor]] = []  # the increments of optimizer steps whose metrics wait
         self._micro_steps = 0
         self._steps = 0
         self._counted = False  # counts were added to the buffer since the last optimizer step
-        self._last_step_counts: torch.Tensor | None = None
 
     # ----------------------------------------------------------------- per micro-step
     @property
@@ -152,6 +160,7 @@ class GlobalBalancer:
             dist.all_reduce(counts, group=self.group)
         buffer = self.step_counts
         buffer.add_(counts.to(buffer.device))
+        self._increments.append(counts)
         self._counted = True
         return buffer
 
@@ -162,12 +171,17 @@ class GlobalBalancer:
         counting = self.moe_model.training and torch.is_grad_enabled()
         global_counts = self.accumulate(stats) if counting else None
         use_global = self.config.balance_scope == "global" and global_counts is not None
-        loss, parts = balance_loss(self.config, stats, global_counts if use_global else None, self.groups)
+        loss, parts = self._loss(stats, global_counts if use_global else None)
         if counting:
-            self._record(stats, global_counts)
+            self._record(stats)
             if self.config.aux_free and self.bias_update == "micro":
                 self._update_biases(stats.counts.detach().sum(1))
         return loss, parts
+
+    def _balance_loss(
+        self, stats: RouterStats, global_counts: torch.Tensor | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return balance_loss(self.config, stats, global_counts, self.groups)
 
     @torch.no_grad()
     def _update_biases(self, counts: torch.Tensor) -> None:
@@ -177,12 +191,13 @@ class GlobalBalancer:
             delta = torch.sign(layer_counts.mean() - layer_counts) * rate  # (E,)
             router.expert_bias.add_(delta.to(router.expert_bias))
 
-    def _record(self, stats: RouterStats, global_counts: torch.Tensor) -> None:
-        """Keep this micro-step's detached statistics and a snapshot of the step counts; the metrics are computed in
-        one batch when they are read (`pop_metrics`), so a micro-step adds one copy of (L, E) and no host sync."""
+    def _record(self, stats: RouterStats) -> None:
+        """Keep this micro-step's detached statistics and the increments of the step so far (whose sum is the buffer
+        its loss saw); the metrics are computed in one batch when they are read (`pop_metrics`): a micro-step adds no
+        op and no host sync."""
         fields = (stats.counts, stats.prob_sums, stats.num_tokens, stats.z_sums)
         detached = RouterStats(*(x.detach() if x.requires_grad else x for x in fields))
-        self._pending.append((detached, global_counts.clone()))
+        self._pending.append((detached, list(self._increments)))
         self._micro_steps += 1
         if len(self._pending) >= self.max_pending:  # bound the memory when metrics are rarely read
             self._fold_pending()
@@ -194,7 +209,7 @@ class GlobalBalancer:
         all M micro-steps."""
         size = micro_group_size(self.config)
         if self._pending_steps:  # (M, L, E): MaxVio of the optimizer steps, globally and over devices
-            counts = torch.stack(self._pending_steps).double()
+            counts = torch.stack([_total(step) for step in self._pending_steps]).double()
             self._pending_steps = []
             self._add("maxvio_global", max_violation(counts).sum(0))
             if self.device_groups is not None:
@@ -209,7 +224,7 @@ class GlobalBalancer:
             m = len(entries)
             fields = zip(*((e[0].counts, e[0].prob_sums, e[0].num_tokens, e[0].z_sums) for e in entries))
             stats = RouterStats(*(torch.stack(x).flatten(0, 1) for x in fields))  # (M·L, B, ·)
-            global_counts = torch.stack([e[1] for e in entries]).flatten(0, 1)  # (M·L, E)
+            global_counts = torch.stack([_total(e[1]) for e in entries]).flatten(0, 1)  # (M·L, E): what f saw
             micro = group_sequences(stats, size)  # (M·L, G, E): the micro-scope groups
             z = stats.z_sums.sum(-1) / stats.num_tokens.sum(-1).clamp_min(1.0)  # (M·L,) z-loss per layer
             self._add("micro_lbl", _sum_steps(per_layer_lbl(micro.counts, micro), m))
@@ -224,13 +239,13 @@ class GlobalBalancer:
     @torch.no_grad()
     def step(self) -> None:
         """At the optimizer step: update aux-free biases from the step's global counts, then reset the buffer.
-        No host sync, and no metric work: a copy of the step's counts waits for `pop_metrics`, which computes the
-        MaxVio of all the steps since the last read at once."""
+        No host sync, and no metric work: the step's increments wait for `pop_metrics`, which computes the MaxVio of
+        all the steps since the last read at once. Without aux-free routing this is one op (the reset)."""
         if not self._counted:
             return
         counts = self.step_counts
-        self._last_step_counts = counts.clone()
-        self._pending_steps.append(self._last_step_counts)
+        self._last_step, self._increments = self._increments, []
+        self._pending_steps.append(self._last_step)
         if self.device_groups is not None:
             delivered = delivered_counts(self.model, self.config.num_experts)  # (L, E), summed over ranks
             if delivered is not None:
@@ -251,11 +266,16 @@ class GlobalBalancer:
             self._fold_pending()
 
     @property
+    def last_step_counts(self) -> torch.Tensor | None:
+        """(L, E) int64 expert selections of the last optimizer step, summed over its micro-steps and the ranks."""
+        return _total(self._last_step) if self._last_step else None
+
+    @property
     def last_step_load(self) -> torch.Tensor | None:
         """(L, E) share of the selections that went to each expert in the last optimizer step (CPU, float64)."""
-        if self._last_step_counts is None:
+        if not self._last_step:
             return None
-        counts = self._last_step_counts.double().cpu()
+        counts = self.last_step_counts.double().cpu()
         return counts / counts.sum(-1, keepdim=True).clamp_min(1)
 
     def register_step_hook(self, optimizer: torch.optim.Optimizer):
@@ -268,16 +288,16 @@ class GlobalBalancer:
         step counters, the last step's load. (The step buffer and the aux-free biases are model buffers.)"""
         self._fold_pending()
         sums = {k: torch.as_tensor(v).detach().cpu() for k, v in self._sums.items()}
-        last = None if self._last_step_counts is None else self._last_step_counts.cpu()
+        last = self.last_step_counts.cpu() if self._last_step else None
         return {"sums": sums, "micro_steps": self._micro_steps, "steps": self._steps, "last_step_counts": last}
 
     def load_state_dict(self, state: dict) -> None:
         device = self.step_counts.device
-        self._pending, self._pending_steps = [], []
+        self._pending, self._pending_steps, self._increments = [], [], []
         self._sums = defaultdict(lambda: 0, {k: v.to(device) for k, v in state["sums"].items()})
         self._micro_steps, self._steps = state["micro_steps"], state["steps"]
         last = state["last_step_counts"]
-        self._last_step_counts = None if last is None else last.to(device)
+        self._last_step = [] if last is None else [last.to(device)]
 
     # ----------------------------------------------------------------- metrics
     def pop_metrics(self, reduce: bool = True) -> dict[str, float]:
@@ -305,6 +325,11 @@ class GlobalBalancer:
             if len(values) > 1:
                 metrics.update({f"balance/{name}/layer_{i}": float(v) for i, v in enumerate(values)})
         return metrics
+
+
+def _total(increments: list[torch.Tensor]) -> torch.Tensor:
+    """(L, E) sum of a step's (L, E) count increments."""
+    return increments[0] if len(increments) == 1 else torch.stack(increments).sum(0)
 
 
 def _sum_steps(x: torch.Tensor, num_steps: int) -> torch.Tensor:

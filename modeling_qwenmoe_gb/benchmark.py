@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import time
 import weakref
 from collections import Counter
@@ -74,7 +75,8 @@ class Result:
     mfu: float | None
     allreduce_ms: float | None = None  # the balancer call per step (all-reduce of the counts + losses + metrics)
     compiled: str = "none"  # torch.compile: none, layers (each decoder layer) or model (the whole model, one graph)
-    ops_per_step: int | None = None  # ATen ops dispatched by forward + balance loss + backward + balancer step
+    ops_per_step: int | None = None  # eager: ATen ops of forward + balance loss + backward + balancer step; compiled
+    # (`model`): kernel launches of the generated graphs + the ops left eager
     saved_mib: float | None = None  # activations saved for backward + router tensors the output keeps
     collective_us: float | None = None  # the balancer's collective alone: all-reduce of the (L, E) int64 counts
 
@@ -119,7 +121,7 @@ def build(
         model = torch.compile(model)
     elif compiled != "none":
         raise ValueError(f"compile={compiled!r} is unknown: allowed {list(COMPILE_MODES)}")
-    return model, None if name.startswith("transformers-") else GlobalBalancer(model)
+    return model, None if name.startswith("transformers-") else GlobalBalancer(model, compile=compiled != "none")
 
 
 def compile_decoder_layers(model: torch.nn.Module, **compile_kwargs) -> torch.nn.Module:
@@ -203,6 +205,62 @@ def step_accounting(model, balancer, ids: torch.Tensor) -> tuple[int, float]:
     _backward_and_step(model, balancer, loss)
     model.zero_grad(set_to_none=True)
     return sum(counter.ops.values()), saved_bytes / 2**20
+
+
+# A line of an Inductor wrapper's `call` that launches work: a generated kernel (C++ `cpp_fused_*`, Triton `.run(`), an
+# extern kernel (mm, addmm, ...), or an op it falls back to (`torch.ops.<ns>.<op>`). Allocations, views
+# (`reinterpret_tensor`), asserts and `del` are not kernels.
+_KERNEL_LINE = re.compile(r"^(?:\w+ = )?(?:cpp_fused_\w+\(|\w+\.run\(|extern_kernels\.\w+\(|torch\.ops\.\w+\.\w+)")
+
+
+def _kernel_calls(code: str) -> int:
+    """Kernel launches of one Inductor output module: the matching lines of its `call` function."""
+    start = code.find("def call(")
+    if start < 0:
+        return 0
+    body = code[start:]
+    end = body.find("\n\n\n")
+    return sum(bool(_KERNEL_LINE.match(line.strip())) for line in body[: end if end > 0 else None].splitlines())
+
+
+def compiled_step_kernels(model, balancer, ids: torch.Tensor) -> tuple[int, int]:
+    """Deterministic cost of one training step of a `torch.compile`d model, no timing: (kernel launches in the
+    generated forward and backward code of every graph, ATen ops run eagerly outside them: the balancer's loss, its
+    backward and its step). Compiles afresh (dynamo reset, empty Inductor cache) so that every graph's code is seen;
+    the eager ops are counted in a second step, whose graphs are already compiled."""
+    from torch._inductor.utils import fresh_cache, run_and_get_code
+
+    def step():
+        _, loss, _ = _train_loss(model, balancer, ids)
+        _backward_and_step(model, balancer, loss)
+
+    with fresh_cache():
+        _, codes = run_and_get_code(step)
+    model.zero_grad(set_to_none=True)
+    eager = 0
+    if balancer is not None:  # the balancer's own ops run eagerly (its loss is compiled too: counted above)
+        out = model(input_ids=ids, labels=ids, add_balance_loss=False)
+        compiled_loss = balancer._loss
+        balancer._loss = _outside(compiled_loss, torch.utils._python_dispatch._disable_current_modes)
+        counter = _OpCounter()
+        try:
+            with counter:
+                balancer(out.router_stats)
+                balancer.step()
+        finally:
+            balancer._loss = compiled_loss
+        eager = sum(counter.ops.values())
+    return sum(_kernel_calls(c) for c in codes), eager
+
+
+def _outside(fn, context):
+    """`fn` run under `context()` (here: with the op counter switched off, which compiled code cannot run under)."""
+
+    def wrapped(*args, **kwargs):
+        with context():
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def tracked_peak_gib(model, balancer, ids: torch.Tensor) -> float | None:
@@ -419,6 +477,10 @@ def run(args: argparse.Namespace) -> list[Result]:
             if device.type == "cpu":  # no allocator peak on a CPU: the peak of live tensors instead
                 mem = tracked_peak_gib(model, balancer, batches[0])
             del model, balancer
+        elif args.accounting and compiled == "model":  # kernels of the compiled graphs + the ops left eager
+            model, balancer = build(name, config, impl, device, dtype, state, compiled)
+            ops = sum(compiled_step_kernels(model, balancer, batches[0]))
+            del model, balancer
         results.append(
             Result(name, impl, _device_name(device), args.dtype, args.batch, args.seq, tokens, step_s * 1e3, tps,
                    mem, mfu, allreduce_ms, compiled, ops, saved)
@@ -501,7 +563,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
         "--accounting",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="count the ATen ops and saved activation bytes of one step per arm (deterministic, untimed)",
+        help="count the ATen ops (compile=model: kernel launches) and saved activation bytes of one step per arm "
+        "(deterministic, untimed)",
     )
     parser.add_argument("--distributed", action="store_true", help="run under torchrun: measure the all-reduce")
     parser.add_argument("--out", default=None, help="write the results as JSON here")

@@ -617,10 +617,9 @@ class QwenMoeGBModel(QwenMoeGBPreTrainedModel):
                 CACHE_ARG: cache,
                 "position_ids": position_ids,
             }
-            mask_mapping = {
-                "full_attention": create_causal_mask(**mask_kwargs),
-                "sliding_attention": create_sliding_window_causal_mask(**mask_kwargs),
-            }
+            makers = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+            used = dict.fromkeys(self.config.layer_types[: self.config.num_hidden_layers])
+            mask_mapping = {kind: makers[kind](**mask_kwargs) for kind in used}  # only the kinds the layers use
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         routings = []

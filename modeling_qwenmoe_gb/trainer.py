@@ -142,7 +142,12 @@ class GlobalBalanceMixin:
                 train_args.save_only_model = False
         if getattr(self.model.config, "output_router_logits", False):  # e.g. set by TRL; we never need the logits
             self.model.config.output_router_logits = False
-        self.balancer = GlobalBalancer(self.model, sync_group_size=balance_sync_group_size, bias_update=bias_update)
+        self.balancer = GlobalBalancer(
+            self.model,
+            sync_group_size=balance_sync_group_size,
+            bias_update=bias_update,
+            compile=self.args.torch_compile,
+        )
         self.add_callback(BalanceCallback(self.balancer))
         consoles = {ProgressCallback: ConsoleProgressCallback, PrinterCallback: ConsolePrinterCallback}
         for callback in list(self.callback_handler.callbacks):

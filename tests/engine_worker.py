@@ -69,7 +69,7 @@ def engine_step(out: Path, rank: int, name: str) -> None:
     grads = {n: full(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None}
     biases = torch.stack([r.expert_bias.clone() for r in model.model.moe_routers()])
     seen = {"buffers": buffers, "grads": grads, "biases": biases, "groups": balancer.groups}
-    seen.update(step_counts=balancer._last_step_counts, delivered=balancer.last_delivered_counts)
+    seen.update(step_counts=balancer.last_step_counts, delivered=balancer.last_delivered_counts)
     seen["metrics"] = balancer.pop_metrics()
     torch.save(seen, out / f"{name}_rank{rank}.pt")
 

@@ -35,3 +35,23 @@ def test_whole_model_is_one_graph_and_a_training_step_equals_eager():
     params_c = dict(compiled.named_parameters())
     for name, param in eager.named_parameters():
         torch.testing.assert_close(params_c[f"_orig_mod.{name}"].grad, param.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_compiled_balance_loss_equals_eager_without_a_mask_too():
+    # the balancer's `compile=True` (what the Trainer sets for `torch_compile`): one graph (fullgraph), the same loss
+    # and router gradients as the eager balancer, on the no-mask statistics path
+    cfg = tiny_config(balance_scope="global", device_balance_groups=2, micro_balance_coef=0.1)
+    model = QwenMoeGBForCausalLM(cfg).train()
+    ids = torch.randint(1, 99, (3, 24))
+    grads = []
+    for compile_loss in (False, True):
+        model.zero_grad()
+        balancer = GlobalBalancer(model, compile=compile_loss)
+        for _ in range(2):  # two micro-steps: the second one's f holds both micro-batches' counts
+            out = model(input_ids=ids, labels=ids, add_balance_loss=False)
+            balance, parts = balancer(out.router_stats)
+            (out.loss + balance).backward()
+        grads.append((balance.detach(), model.model.layers[0].mlp.gate.weight.grad.clone(), parts["device_lbl"]))
+        balancer.step()
+    for eager, compiled in zip(*grads):
+        torch.testing.assert_close(compiled, eager)
