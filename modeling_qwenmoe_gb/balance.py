@@ -12,9 +12,9 @@ Features
   every rank) and resets the buffer. `register_step_hook(optimizer)` does that as an optimizer step pre-hook.
 - Sub-groups of a given size (`sync_group_size`) emulate "synchronise within a node" for a balance-BSZ sweep.
 - Metrics per optimizer step (per layer and mean): global and micro LBL, MaxVio global and micro (micro = the micro
-  scope's groups: chunks of `balance_group_size` sequences or the micro-batch), z-loss, bias spread (aux-free), and MaxVio over
-  devices: `maxvio_device` from the global counts (devices = the expert-parallel ranks of a model sharded with EP,
-  else the virtual groups of `device_balance_groups`) and, under EP with `CountingAllToAllEP`,
+  scope's groups: chunks of `balance_group_size` sequences or the micro-batch), z-loss, bias spread (aux-free), and
+  MaxVio over devices: `maxvio_device` from the global counts (devices = the expert-parallel ranks of a model
+  sharded with EP, else the virtual groups of `device_balance_groups`) and, under EP with `CountingAllToAllEP`,
   `maxvio_device_delivered` from what the all-to-all delivered.
 
 Loss-scale rule (the same for every scope): the objective of one optimizer step is the mean, over data-parallel

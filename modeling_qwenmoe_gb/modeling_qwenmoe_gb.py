@@ -297,7 +297,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         safe = targets.clamp(0, weight.shape[0] - 1)  # (T,): each token's one-hot column (ignored tokens: any)
         grad_hidden = None
         if want_h:  # (T, D): softmax part − W[y], ignored rows 0
-            grad_hidden = (grad_rows[0] if len(grad_rows) == 1 else torch.cat(grad_rows))
+            grad_hidden = grad_rows[0] if len(grad_rows) == 1 else torch.cat(grad_rows)
             grad_hidden = grad_hidden.sub_(F.embedding(safe, weight)).mul_(valid)
         if want_w:  # − Σ_t onehot(y_t) h_tᵀ (ignored rows of h are 0)
             grad_weight.index_add_(0, safe, hidden.to(dtype), alpha=-1)

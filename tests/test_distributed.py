@@ -116,9 +116,7 @@ def test_accumulation_buffer_uses_micro_steps_one_to_m_of_both_ranks(workdir):
             for rank, seen in enumerate(ranks):
                 torch.testing.assert_close(seen["buffers"][micro], running, rtol=0, atol=0)
                 stats = model(input_ids=batch_for(step=micro, rank=rank)).router_stats
-                expected = switch_balance_loss(
-                    running, stats.prob_sums.sum(1), stats.num_tokens.sum(1)
-                )
+                expected = switch_balance_loss(running, stats.prob_sums.sum(1), stats.num_tokens.sum(1))
                 torch.testing.assert_close(seen["lbl"][micro], expected, rtol=1e-5, atol=1e-7)
     rate = model.config.aux_free_bias_update_rate
     expected_bias = rate * torch.sign(running.double().mean(-1, keepdim=True) - running.double())

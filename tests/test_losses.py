@@ -109,9 +109,7 @@ def test_device_loss_limits():
     probs = torch.cat([s[1] for s in stats])
     n = torch.cat([s[2] for s in stats])
     singletons = [[i] for i in range(8)]
-    torch.testing.assert_close(
-        device_balance_loss(counts, probs, n, singletons), switch_balance_loss(counts, probs, n)
-    )
+    torch.testing.assert_close(device_balance_loss(counts, probs, n, singletons), switch_balance_loss(counts, probs, n))
     one = device_balance_loss(counts, probs, n, [list(range(8))])
     assert one.item() == pytest.approx(1.0, abs=1e-6)
 
@@ -179,9 +177,7 @@ def test_balance_loss_scopes():
     total, parts = balance_loss(cfg, stats, global_counts=other)
     expected = 0.1 * parts["lbl"] + 0.2 * parts["micro_lbl"] + 0.5 * parts["device_lbl"] + 0.01 * parts["z_loss"]
     torch.testing.assert_close(total, expected)
-    dev = device_balance_loss(
-        other, stats.prob_sums.sum(1), stats.num_tokens.sum(1), [[0, 1, 2, 3], [4, 5, 6, 7]]
-    )
+    dev = device_balance_loss(other, stats.prob_sums.sum(1), stats.num_tokens.sum(1), [[0, 1, 2, 3], [4, 5, 6, 7]])
     torch.testing.assert_close(parts["device_lbl"], dev)
 
 
