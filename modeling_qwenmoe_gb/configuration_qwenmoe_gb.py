@@ -6,7 +6,8 @@ Features
 - Balance options: `balance_scope` (micro / global / sequence), `balance_group_size`, `micro_balance_coef`,
   `device_balance_groups` + `device_balance_coef`, `router_z_loss_coef`, `aux_free` + `aux_free_bias_update_rate`,
   `router_scoring_func` (softmax / sigmoid).
-- `loss_implementation`: the chunked LM-head + cross-entropy loss (no (T, V) logits in training) or transformers' one.
+- `loss_implementation`: the chunked LM-head + cross-entropy loss (no (T, V) logits in training), Liger-Kernel's
+  fused one on CUDA, or transformers' one.
 - `num_params()` / `num_active_params()`: parameter counts from the config alone.
 
 This file imports only the standard library and transformers (Hub custom-code rule).
@@ -16,7 +17,7 @@ from transformers import Qwen2MoeConfig
 
 BALANCE_SCOPES = ("micro", "global", "sequence")
 ROUTER_SCORING_FUNCS = ("softmax", "sigmoid")
-LOSS_IMPLEMENTATIONS = ("chunked", "full")
+LOSS_IMPLEMENTATIONS = ("chunked", "full", "liger")
 
 
 class QwenMoeGBConfig(Qwen2MoeConfig):
@@ -66,7 +67,9 @@ class QwenMoeGBConfig(Qwen2MoeConfig):
             How training computes the language-model loss: `"chunked"` (the LM head and cross-entropy over chunks of
             tokens from the hidden states, forward and backward, so the (T, V) logits never exist; `logits` is None
             in training unless `return_logits=True`; a micro-batch of at most one chunk takes the plain path) or
-            `"full"` (transformers' LM head + `ForCausalLMLoss`). Evaluation and generation always compute logits.
+            `"full"` (transformers' LM head + `ForCausalLMLoss`), or `"liger"` (Liger-Kernel's fused linear
+            cross-entropy, Triton: where `liger_kernel` is installed and the model is on a CUDA device; elsewhere the
+            chunked loss, with a warning). Evaluation and generation always compute logits.
         loss_chunk_size (`int`, *optional*):
             Tokens per chunk of the chunked loss; `None` = 2**27 // vocab_size (512 MiB of fp32 logits per chunk).
         use_qk_norm (`bool`, *optional*, defaults to `False`):

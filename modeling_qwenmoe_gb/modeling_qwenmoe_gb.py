@@ -12,17 +12,20 @@ Features
   `balance_loss` that combines them for a config at micro, sequence or global scope.
 - `QwenMoeGBForCausalLM.forward(labels=...)` returns CE + the micro-scope balance losses while training, so the model
   works in any loop; the global scope is added by the trainer (`modeling_qwenmoe_gb.balance`).
-- Chunked LM-head + cross-entropy in training (`chunked_linear_cross_entropy`): no (T, V) logits, forward or backward.
+- Chunked LM-head + cross-entropy in training (`chunked_linear_cross_entropy`): no (T, V) logits, forward or backward;
+  Liger-Kernel's fused linear cross-entropy instead with `loss_implementation="liger"` where it runs (CUDA).
 - Native transformers conventions: the KV cache under the installed version's name (`cache` from transformers 5.24,
   `past_key_values` before; both accepted), `return_dict=False`, tensor / pipeline / FSDP plans for the head,
   full-graph compile (static-cache generation), output classes with real (not string) annotations.
 
 Shape legend: B batch, S sequence, T = B·S tokens, D hidden, E experts, K top-k, L MoE layers, G sequence groups.
 
-This file imports only the standard library, torch, transformers and `.configuration_qwenmoe_gb`.
+This file imports only the standard library, torch, transformers and `.configuration_qwenmoe_gb` (and, only for
+`loss_implementation="liger"` on CUDA, the optional `liger_kernel` when it is installed).
 """
 
 import contextlib
+import importlib
 import os
 from dataclasses import dataclass, fields
 
@@ -52,6 +55,8 @@ from transformers.models.qwen2_moe.modeling_qwen2_moe import (
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeAttention
 from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
+from transformers.utils.import_utils import is_liger_kernel_available
+from transformers.utils.logging import get_logger
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_qwenmoe_gb import QwenMoeGBConfig
@@ -59,6 +64,8 @@ from .configuration_qwenmoe_gb import QwenMoeGBConfig
 # transformers 5.24 renamed the KV-cache argument and output field `past_key_values` -> `cache` (the old name warns and
 # goes away in 5.40); earlier versions know only `past_key_values`. Every call into transformers uses the installed
 # version's name; our forwards accept both.
+logger = get_logger(__name__)
+
 CACHE_ARG = "cache" if "cache" in {f.name for f in fields(MoeModelOutputWithPast)} else "past_key_values"
 
 
@@ -340,14 +347,32 @@ def chunked_linear_cross_entropy(
     return total / num_items_in_batch
 
 
+def liger_causal_lm_loss(device: torch.device):
+    """Liger-Kernel's fused linear cross-entropy causal-LM loss (`LigerForCausalLMLoss`, Triton) where it runs: the
+    `liger_kernel` package installed and a CUDA device. None elsewhere."""
+    if device.type != "cuda" or not is_liger_kernel_available():
+        return None
+    return importlib.import_module("liger_kernel.transformers.model.loss_utils").LigerForCausalLMLoss  # optional
+
+
 class QwenMoeGBLMHead(nn.Linear):
     """The LM head (an `nn.Linear`, `lm_head.weight` in checkpoints). Called with `labels` (or `shift_labels`), it
-    returns the chunked cross-entropy loss instead of the logits, inside its own forward, so FSDP2 gathers its weight
-    for the loss as it does for the logits."""
+    returns the cross-entropy loss instead of the logits, inside its own forward, so FSDP2 gathers its weight for the
+    loss as it does for the logits: chunked (`chunked_linear_cross_entropy`), or Liger-Kernel's fused one when
+    `implementation="liger"` and it can run there."""
 
-    def forward(self, hidden_states: torch.Tensor, labels: torch.Tensor | None = None, **loss_kwargs) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        implementation: str = "chunked",
+        **loss_kwargs,
+    ) -> torch.Tensor:
         if labels is None and loss_kwargs.get("shift_labels") is None:
             return super().forward(hidden_states)  # (B, S, V) logits
+        if implementation == "liger" and (liger := liger_causal_lm_loss(hidden_states.device)) is not None:
+            hidden = hidden_states.contiguous()  # Liger views it as (T, D)
+            return liger(hidden, self.weight, labels, hidden.shape[-1], **loss_kwargs)
         return chunked_linear_cross_entropy(hidden_states, self.weight, labels, **loss_kwargs)
 
 
@@ -704,15 +729,22 @@ class QwenMoeGBForCausalLM(QwenMoeGBPreTrainedModel, GenerationMixin):
         hidden_states = hidden_states[:, slice_indices, :]  # (B, S', D)
         if return_logits is None:  # the chunked loss leaves no logits: only for training with labels by default
             return_logits = not (self.training and labels is not None)
-        chunked = labels is not None and not return_logits and self.config.loss_implementation == "chunked"
-        chunked = chunked and not _tensor_parallel(self.lm_head.weight)  # TP's head plan expects logits
+        implementation = self.config.loss_implementation
+        fused = labels is not None and not return_logits and implementation != "full"
+        fused = fused and not _tensor_parallel(self.lm_head.weight)  # TP's head plan expects logits
+        if fused and implementation == "liger" and liger_causal_lm_loss(hidden_states.device) is None:
+            implementation = "chunked"
+            logger.warning_once(
+                "loss_implementation='liger' needs the liger_kernel package and a CUDA device; using the chunked loss"
+            )
         chunk_size = loss_chunk_tokens(self.config.loss_chunk_size, self.config.vocab_size)
-        chunked = chunked and hidden_states.shape[0] * hidden_states.shape[1] > chunk_size  # one chunk: plain path
-        logits = None if chunked else self.lm_head(hidden_states)  # (B, S', V)
+        if implementation == "chunked":  # one chunk: the plain path (the same memory, fewer ops)
+            fused = fused and hidden_states.shape[0] * hidden_states.shape[1] > chunk_size
+        logits = None if fused else self.lm_head(hidden_states)  # (B, S', V)
 
         loss = None
-        if chunked:
-            loss = self.lm_head(hidden_states, labels, chunk_size=chunk_size, **kwargs)
+        if fused:
+            loss = self.lm_head(hidden_states, labels, implementation, chunk_size=chunk_size, **kwargs)
         elif labels is not None:
             loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
         add_balance = loss is not None and (self.training if add_balance_loss is None else add_balance_loss)

@@ -167,3 +167,45 @@ def test_recompiles_with_dynamic_shapes_and_another_config():
         loss = compiled(input_ids=ids, labels=ids, add_balance_loss=False).loss
         torch.testing.assert_close(loss, eager(input_ids=ids, labels=ids, add_balance_loss=False).loss)
         loss.backward()
+
+
+def test_liger_switch_falls_back_to_the_chunked_loss_where_liger_cannot_run(caplog):
+    # CPU (and no liger_kernel here): the chunked loss, logits None, and one warning naming the reason
+    cfg = tiny_config(loss_chunk_size=5, loss_implementation="liger")
+    torch.manual_seed(0)
+    model = QwenMoeGBForCausalLM(cfg).train()
+    chunked = QwenMoeGBForCausalLM(tiny_config(loss_chunk_size=5)).train()
+    chunked.load_state_dict(model.state_dict())
+    ids = torch.randint(1, 99, (2, 9))
+    with caplog.at_level("WARNING"):
+        out = model(input_ids=ids, labels=ids, add_balance_loss=False)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, chunked(input_ids=ids, labels=ids, add_balance_loss=False).loss)
+    assert "loss_implementation='liger' needs the liger_kernel package and a CUDA device" in caplog.text
+
+
+def test_liger_switch_calls_liger_causal_lm_loss_with_its_signature(monkeypatch):
+    # Where Liger runs, the head hands it what `LigerForCausalLMLoss(hidden_states, lm_head_weight, labels,
+    # hidden_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None, **kwargs)` takes; a stand-in with
+    # that signature computes transformers' loss, so the model's loss must equal the full-logits path.
+    import modeling_qwenmoe_gb.modeling_qwenmoe_gb as modeling
+
+    calls = []
+
+    def liger_stand_in(hidden_states, lm_head_weight, labels, hidden_size, num_items_in_batch=None,
+                       ignore_index=-100, shift_labels=None, **kwargs):  # fmt: skip
+        calls.append((tuple(hidden_states.shape), hidden_size, hidden_states.is_contiguous()))
+        hidden = hidden_states.view(-1, hidden_size)  # what Liger does: fails unless contiguous
+        logits = (hidden @ lm_head_weight.t()).view(*hidden_states.shape[:-1], -1)
+        return ForCausalLMLoss(logits, labels, lm_head_weight.shape[0], num_items_in_batch, ignore_index,
+                               shift_labels)  # fmt: skip
+
+    monkeypatch.setattr(modeling, "liger_causal_lm_loss", lambda device: liger_stand_in)
+    torch.manual_seed(0)
+    model = QwenMoeGBForCausalLM(tiny_config(loss_implementation="liger")).train()
+    ids = torch.randint(1, 99, (2, 9))
+    kwargs = {"labels": ids[:, -4:], "logits_to_keep": 4, "num_items_in_batch": torch.tensor(5)}
+    liger = model(input_ids=ids, add_balance_loss=False, **kwargs)
+    full = model(input_ids=ids, add_balance_loss=False, return_logits=True, **kwargs)
+    assert liger.logits is None and calls == [((2, 4, 32), 32, True)]
+    torch.testing.assert_close(liger.loss, full.loss)
