@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from transformers import HfArgumentParser
 
 from . import analysis
@@ -114,6 +115,8 @@ def main(argv: list[str] | None = None):
             raise SystemExit(f"unknown command {argv[0]!r}: allowed {list(COMMANDS)}")
         return None
     COMMANDS[argv[0]](argv[1:])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # launched by accelerate / torchrun
+        torch.distributed.destroy_process_group()  # now, not in the interpreter's teardown
     return None
 
 

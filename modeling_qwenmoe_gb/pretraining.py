@@ -260,7 +260,7 @@ def pretrain(argv: list[str]) -> dict:
     trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
     out_dir = Path(train_args.output_dir)
     trainer.save_model(str(out_dir))
-    _end_distributed(trainer)  # what follows runs on rank 0 alone
+    _settle_distributed(trainer)  # what follows runs on rank 0 alone
     if not trainer.is_world_process_zero():
         return {}
     trained = trainer.model
@@ -277,17 +277,17 @@ def pretrain(argv: list[str]) -> dict:
     return result
 
 
-def _end_distributed(trainer: QwenMoeGBTrainer) -> None:
-    """Close the process group on every rank once training and saving are over, before the DDP wrapper that holds it
-    goes. gloo's worker thread frees a finished collective's tensors after the caller has returned, and needs the GIL
-    for that; a rank that drops the last reference to the group meanwhile joins that thread holding the GIL and hangs
-    (or, at interpreter exit, aborts), which fails the whole launch. So: a barrier (rank 0 has saved), a pause that
-    releases the GIL to the worker thread, then `end_training` (destroy_process_group)."""
+def _settle_distributed(trainer: QwenMoeGBTrainer) -> None:
+    """Let every rank finish training and saving, and let gloo's worker threads go idle, before the trainer (and the
+    DDP wrapper holding the process group) is dropped. gloo frees a finished collective's tensors on its worker thread
+    after the caller has returned, and needs the GIL for that; a rank that drops the last reference to the group
+    meanwhile joins that thread holding the GIL and hangs (or, at interpreter exit, aborts), failing the launch. A
+    barrier, then a pause that releases the GIL to the worker thread. The process group stays (the caller owns it;
+    the CLI destroys it at exit)."""
     if not torch.distributed.is_initialized():
         return
     trainer.accelerator.wait_for_everyone()
     time.sleep(0.1)
-    trainer.accelerator.end_training()
 
 
 def _num_experts(model_args: ModelArguments) -> int:
