@@ -5,7 +5,8 @@
     qwenmoe-gb analyze  --model DIR [data flags]                               # expert specialization + plots
     qwenmoe-gb compare  [compare flags]                                        # micro vs global arms (reproduction)
     qwenmoe-gb bench    [benchmark flags]                                      # = scripts/benchmark.py
-    qwenmoe-gb push     --model DIR --repo_id USER/NAME                        # upload weights, code and card
+    qwenmoe-gb export   --model DIR --out DIR [--to auto|qwen3_moe|qwen2_moe|qwenmoe_gb]   # stock Qwen-MoE
+    qwenmoe-gb push     --model DIR --repo_id USER/NAME                        # upload either form to the Hub
 
 `pretrain` with no flags trains the `demo` preset with global-batch balance on the embedded synthetic corpus (4
 domains) on CPU in a few minutes. It takes every `transformers.TrainingArguments` flag and runs unchanged under
@@ -13,6 +14,7 @@ domains) on CPU in a few minutes. It takes every `transformers.TrainingArguments
 """
 
 import json
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +24,9 @@ from transformers import HfArgumentParser
 
 from . import analysis
 from .compare import compare
+from .convert import EXPORT_TARGETS, export_qwen_moe
 from .data import load_tokenizer, pack_corpus
-from .hub import push_folder
+from .hub import complete_auto_map, push_folder
 from .modeling_qwenmoe_gb import QwenMoeGBForCausalLM
 from .pretraining import DataArguments, ModelArguments, evaluate_and_analyze, pretrain
 
@@ -40,6 +43,22 @@ class PushArguments:
     repo_id: str = field(default="", metadata={"help": "Hub repository, e.g. user/qwenmoe-gb-tiny"})
     private: bool = field(default=False, metadata={"help": "create a private repository"})
     token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)"})
+
+
+@dataclass
+class ExportArguments:
+    model: str = field(default="runs/pretrain", metadata={"help": "QwenMoE-GB checkpoint folder"})
+    out: str = field(default="", metadata={"help": "output folder"})
+    to: str = field(
+        default="auto",
+        metadata={
+            "help": "qwen3_moe / qwen2_moe: a stock checkpoint (no code, no trust_remote_code); auto: the one that "
+            "represents the model exactly; qwenmoe_gb: re-save in this project's Hub format with the current code "
+            "and a complete auto_map (repairs checkpoints saved by earlier versions)",
+            "choices": [*EXPORT_TARGETS, "qwenmoe_gb"],
+        },
+    )
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer to ship (default: the model folder's)"})
 
 
 # ----------------------------------------------------------------------------------------- commands
@@ -87,6 +106,23 @@ def push_cmd(argv: list[str]) -> str:
     return url
 
 
+def export_cmd(argv: list[str]) -> Path:
+    (args,) = HfArgumentParser(ExportArguments).parse_args_into_dataclasses(args=argv)
+    if not args.out:
+        raise ValueError("out='' is not allowed: give --out DIR (a new folder)")
+    if Path(args.out).resolve() == Path(args.model).resolve():
+        raise ValueError(f"out={args.out!r} is the model folder: give a new folder")
+    if args.to != "qwenmoe_gb":
+        out = export_qwen_moe(args.model, args.out, args.to, tokenizer=args.tokenizer)
+        print(f"exported {args.model} to {out} ({json.loads((out / 'config.json').read_text())['model_type']})")
+        return out
+    shutil.copytree(args.model, args.out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoint-*", "runs"))
+    QwenMoeGBForCausalLM.from_pretrained(args.model).save_pretrained(args.out)  # current code files + auto_map
+    complete_auto_map(args.out)
+    print(f"re-saved {args.model} to {args.out} (QwenMoE-GB Hub format)")
+    return Path(args.out)
+
+
 def compare_cmd(argv: list[str]) -> dict:
     return compare(argv)
 
@@ -103,6 +139,7 @@ COMMANDS = {
     "analyze": analyze_cmd,
     "compare": compare_cmd,
     "bench": bench_cmd,
+    "export": export_cmd,
     "push": push_cmd,
 }
 

@@ -3,7 +3,11 @@
 Features
 - `write_model_card(folder, ...)`: the checkpoint's README.md from `model_cards/qwenmoe_gb_card.md` through
   huggingface_hub's `ModelCard` / `ModelCardData`: config, balance settings, data, evaluation, specialization plot.
-- `push_folder(folder, repo_id)`: `create_repo` + `upload_folder` of the weights, the Hub code files and the card.
+- `write_export_card(folder, ...)`: the card of a stock Qwen-MoE export (`model_cards/stock_export_card.md`): how it
+  was trained, how to serve it, what llama.cpp would compute differently.
+- `push_folder(folder, repo_id)`: `create_repo` + `upload_folder` of either form: a QwenMoE-GB checkpoint (weights,
+  the Hub code files, the card; an `auto_map` saved before it named `AutoModel` is completed first) or a stock export
+  (weights, config, tokenizer, card; no code).
 """
 
 from __future__ import annotations
@@ -41,12 +45,12 @@ ARCHITECTURE_FIELDS = (
 )
 
 
-def _template() -> Path:
+def _template(name: str = "qwenmoe_gb_card.md") -> Path:
     here = Path(__file__).resolve().parent
     for candidate in (here / "model_cards", here.parent / "model_cards"):
-        if (candidate / "qwenmoe_gb_card.md").is_file():
-            return candidate / "qwenmoe_gb_card.md"
-    raise FileNotFoundError("model_cards/qwenmoe_gb_card.md not found")
+        if (candidate / name).is_file():
+            return candidate / name
+    raise FileNotFoundError(f"model_cards/{name} not found")
 
 
 def _human(n: int) -> str:
@@ -102,7 +106,74 @@ def write_model_card(
     return card
 
 
+def write_export_card(
+    folder: str | Path,
+    config,
+    stock_config,
+    llama_cpp_notes: list[str],
+    recorded: dict,
+    source_name: str | None = None,
+    repo_id: str | None = None,
+) -> ModelCard:
+    """README.md of a stock export: `config` is the QwenMoE-GB config it was trained with, `stock_config` the exported
+    one, `recorded` the training run's `eval.json` / `data_info.json` / `specialization.json` where it had them."""
+    folder = Path(folder)
+    model_name = repo_id or folder.name
+    eval_report, data_info = recorded.get("eval.json"), recorded.get("data_info.json")
+    spec = recorded.get("specialization.json")
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        license="apache-2.0",
+        tags=["mixture-of-experts", stock_config.model_type, "qwenmoe_gb", "global-batch-load-balancing"],
+        model_name=model_name,
+    )
+    data = "not recorded"
+    if data_info:
+        domains = ", ".join(data_info["domains"])
+        data = f"`{data_info['data']}` tokenized with `{data_info['tokenizer']}`; domains {domains}"
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(_template("stock_export_card.md")),
+        model_name=model_name,
+        repo_id=repo_id or f"<user>/{folder.name}",
+        total_params=_human(config.num_params()),
+        active_params=_human(config.num_active_params()),
+        balance_scope=config.balance_scope,
+        architecture_class=stock_config.architectures[0] if stock_config.architectures else stock_config.model_type,
+        model_type=stock_config.model_type,
+        llama_cpp="llama.cpp: " + "; ".join(llama_cpp_notes) + "." if llama_cpp_notes else "",
+        balance={k: getattr(config, k) for k in BALANCE_FIELDS},
+        data_description=data + (f" (exported from `{source_name}`)" if source_name else ""),
+        eval_table=format_ppl_table(eval_report) if eval_report else "not evaluated",
+        specialization=(
+            f"Expert specialization I(domain; expert): **{spec['specialization_kl']:.4f}**.\n\n"
+            "![expert selection frequency per domain and layer](expert_heatmap.png)"
+            if spec
+            else ""
+        ),
+    )
+    card.save(folder / "README.md")
+    return card
+
+
 HUB_FILES = ("config.json", "configuration_qwenmoe_gb.py", "modeling_qwenmoe_gb.py", "README.md")
+STOCK_FILES = ("config.json", "README.md")
+
+
+def complete_auto_map(folder: str | Path) -> bool:
+    """Add the `AutoModel` entry (the base model, which serving engines' Transformers backends build) to the
+    `auto_map` of a QwenMoE-GB checkpoint saved before it was written; True if the file changed."""
+    from .modeling_qwenmoe_gb import hub_auto_map
+
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    auto_map = config.get("auto_map") or {}
+    if config.get("model_type") != "qwenmoe_gb" or all(k in auto_map for k in hub_auto_map()):
+        return False
+    config["auto_map"] = {**hub_auto_map(), **auto_map}
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return True
 
 
 def push_folder(
@@ -110,11 +181,16 @@ def push_folder(
 ) -> str:
     """Upload a saved checkpoint folder (weights, code, card) to the Hub; returns the commit URL."""
     folder = Path(folder)
-    missing = [f for f in HUB_FILES if not (folder / f).is_file()]
+    model_type = (read_json(folder / "config.json") or {}).get("model_type")
+    required = STOCK_FILES if model_type in ("qwen2_moe", "qwen3_moe") else HUB_FILES
+    missing = [f for f in required if not (folder / f).is_file()]
     if missing or not any(folder.glob("*.safetensors")):
         raise ValueError(
-            f"folder={str(folder)!r} is not a saved QwenMoE-GB checkpoint: missing {missing or ['*.safetensors']}"
+            f"folder={str(folder)!r} is neither a saved QwenMoE-GB checkpoint nor a stock export: missing "
+            f"{missing or ['*.safetensors']}"
         )
+    if required is HUB_FILES and complete_auto_map(folder):
+        print(f"{folder}/config.json: auto_map completed with AutoModel (saved by an earlier version)")
     api = api or HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     commit = api.upload_folder(

@@ -54,6 +54,7 @@ from transformers.models.qwen2_moe.modeling_qwen2_moe import (
 )
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeAttention
 from transformers.utils import ModelOutput
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.import_utils import is_liger_kernel_available
 from transformers.utils.logging import get_logger
@@ -67,6 +68,15 @@ from .configuration_qwenmoe_gb import QwenMoeGBConfig
 logger = get_logger(__name__)
 
 CACHE_ARG = "cache" if "cache" in {f.name for f in fields(MoeModelOutputWithPast)} else "past_key_values"
+
+
+def _old_cache_name_deprecated(forward):
+    """On transformers >= 5.24 a forward given the old name (`past_key_values=`) warns as transformers' own models do
+    ("`past_key_values` is deprecated") and receives it as `cache`; both names at once is a ValueError. Before 5.24
+    the old name is the only one, and nothing warns."""
+    if CACHE_ARG == "past_key_values":
+        return forward
+    return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)(forward)
 
 
 def _pop_cache(cache: Cache | None, kwargs: dict) -> Cache | None:
@@ -515,6 +525,8 @@ class QwenMoeGBPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _can_compile_fullgraph = True  # one graph, router statistics included (tests/test_compile.py)
     _supports_attention_backend = True
+    # A stock Qwen-MoE checkpoint has no aux-free bias: it is zero, as `_init_weights` makes it (no load-report noise)
+    _keys_to_ignore_on_load_missing = [r"mlp\.gate\.expert_bias"]
     _can_record_outputs = {
         "router_logits": OutputRecorder(QwenMoeGBTopKRouter, index=0),
         "hidden_states": OutputRecorder(QwenMoeGBDecoderLayer, index=0),
@@ -522,10 +534,13 @@ class QwenMoeGBPreTrainedModel(PreTrainedModel):
     }
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """transformers' save, plus: under FSDP2 (transformers' parallel engine, or `fully_shard`) the model's class is
-        a subclass defined by torch (`FSDPQwenMoeGBForCausalLM`); the folder gets the code and `auto_map` of our own
-        class, as a one-process save does, and none of torch's files."""
+        """transformers' save, plus: `auto_map` names the base model (`AutoModel`) beside the causal LM, which
+        serving engines' Transformers backends (vLLM, SGLang) build; and under FSDP2 (transformers' parallel engine,
+        or `fully_shard`) the model's class is a subclass defined by torch (`FSDPQwenMoeGBForCausalLM`): the folder
+        gets the code and `auto_map` of our own class, as a one-process save does, and none of torch's files."""
         own = next(c for c in type(self).__mro__ if c.__module__ == __name__)  # our class under any wrapper class
+        if own._auto_class is not None:  # Hub code: name every class it provides, the base model included
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **hub_auto_map()}
         if own is type(self) or own._auto_class is None:
             return super().save_pretrained(save_directory, *args, **kwargs)
         type(self)._auto_class = None  # the wrapper class ships no code of its own
@@ -611,6 +626,7 @@ class QwenMoeGBModel(QwenMoeGBPreTrainedModel):
         return self.config.expert_groups()
 
     @capture_outputs
+    @_old_cache_name_deprecated
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -686,6 +702,7 @@ class QwenMoeGBForCausalLM(QwenMoeGBPreTrainedModel, GenerationMixin):
         self.post_init()
 
     @can_return_tuple
+    @_old_cache_name_deprecated
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -767,6 +784,16 @@ class QwenMoeGBForCausalLM(QwenMoeGBPreTrainedModel, GenerationMixin):
         )
 
 
+def hub_auto_map() -> dict[str, str]:
+    """`auto_map` entries of the Hub code: the base model, which vLLM's and SGLang's Transformers backends build
+    (`AutoModel`), and the causal LM (`AutoModelForCausalLM`); `AutoConfig` comes from the config."""
+    module = __name__.split(".")[-1]  # `modeling_qwenmoe_gb`, also when loaded as Hub code
+    return {
+        "AutoModel": f"{module}.{QwenMoeGBModel.__name__}",
+        "AutoModelForCausalLM": f"{module}.{QwenMoeGBForCausalLM.__name__}",
+    }
+
+
 # Fused experts are saved in the per-expert Hub layout; without a registered conversion for our class names and
 # model type, a re-saved checkpoint would reload with randomly initialised experts.
 for _name in ("qwenmoe_gb", "QwenMoeGBForCausalLM", "QwenMoeGBModel"):
@@ -774,6 +801,7 @@ for _name in ("qwenmoe_gb", "QwenMoeGBForCausalLM", "QwenMoeGBModel"):
 
 __all__ = [
     "chunked_linear_cross_entropy",
+    "hub_auto_map",
     "QwenMoeGBForCausalLM",
     "QwenMoeGBModel",
     "QwenMoeGBPreTrainedModel",

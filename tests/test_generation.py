@@ -171,5 +171,32 @@ def test_cache_accepted_under_both_names():
         step = model(ids[:, 5:], use_cache=True, **{name: getattr(prefix, CACHE_ARG)})
         torch.testing.assert_close(step.logits[:, -1], full, rtol=1e-5, atol=1e-5)
     prefix = getattr(model(ids[:, :5], use_cache=True), CACHE_ARG)
-    with pytest.raises(ValueError, match="cache and past_key_values"):
+    with pytest.raises(ValueError, match="(cache.*past_key_values|past_key_values.*cache)"):
         model(ids[:, 5:], cache=prefix, past_key_values=prefix)
+
+
+@pytest.mark.parametrize("kind", ["ours", "control"])
+@pytest.mark.parametrize("base", [False, True], ids=["causal_lm", "base_model"])
+def test_bc_cache_name_forward(kind, base):
+    """transformers' `test_bc_cache_name_forward` (5.24 `test_modeling_common.py`), run as transformers runs it on its
+    Qwen2-MoE (the control): on transformers >= 5.24 a forward given the old name `past_key_values` warns
+    "`past_key_values` is deprecated" and still works (the same cache and logits as `cache=`); before 5.24 that name
+    is the current one and nothing warns."""
+    from transformers.cache_utils import DynamicCache
+
+    model = make_model(kind)
+    model = model.model if base else model
+    ids = torch.randint(1, 99, (2, 6))
+    assert type(getattr(model(ids, use_cache=True), CACHE_ARG)) is DynamicCache
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old = model(ids, use_cache=True, past_key_values=DynamicCache(config=model.config))
+    warned = any("`past_key_values` is deprecated" in str(w.message) for w in caught)
+    assert warned is (CACHE_ARG == "cache"), [str(w.message) for w in caught]
+    new = model(ids, use_cache=True, **{CACHE_ARG: DynamicCache(config=model.config)})
+    old_cache, new_cache = getattr(old, CACHE_ARG), getattr(new, CACHE_ARG)
+    assert old_cache.get_seq_length() == new_cache.get_seq_length() == 6
+    for a, b in zip(old_cache.layers, new_cache.layers):
+        torch.testing.assert_close(a.keys, b.keys, rtol=0, atol=0)
+    out = "last_hidden_state" if base else "logits"
+    torch.testing.assert_close(getattr(old, out), getattr(new, out), rtol=0, atol=0)

@@ -37,6 +37,7 @@ def test_save_writes_auto_map_hub_files_and_safetensors(tmp_path):
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert auto_map["AutoConfig"] == "configuration_qwenmoe_gb.QwenMoeGBConfig"
     assert auto_map["AutoModelForCausalLM"] == "modeling_qwenmoe_gb.QwenMoeGBForCausalLM"
+    assert auto_map["AutoModel"] == "modeling_qwenmoe_gb.QwenMoeGBModel"  # what serving engines' backends build
     keys = load_file(tmp_path / "model.safetensors").keys()
     assert "model.layers.0.mlp.gate.expert_bias" in keys
 
@@ -70,6 +71,10 @@ torch.save({"logits": model(ids).logits, "module": type(model).__module__,
             "bias": model.model.layers[0].mlp.gate.expert_bias}, sys.argv[3])
 out = model.generate(ids[:1, :3], max_new_tokens=3, do_sample=False, pad_token_id=0)
 assert out.shape == (1, 6)
+from transformers import AutoModel  # the base model, as vLLM's / SGLang's Transformers backends build it
+base = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+assert type(base).__name__ == "QwenMoeGBModel" and base.is_backend_compatible()
+torch.save(base(ids).last_hidden_state, sys.argv[3] + ".base")
 """
 
 
@@ -89,6 +94,8 @@ def test_trust_remote_code_without_the_package(tmp_path):
     assert result["module"].startswith("transformers_modules")
     torch.testing.assert_close(result["logits"], model(ids).logits, rtol=0, atol=0)
     torch.testing.assert_close(result["bias"], model.model.layers[0].mlp.gate.expert_bias, rtol=0, atol=0)
+    base = torch.load(str(tmp_path / "o.pt") + ".base")
+    torch.testing.assert_close(base, model.model(ids).last_hidden_state, rtol=0, atol=0)
 
 
 def test_hub_files_import_only_stdlib_torch_transformers_and_each_other():
