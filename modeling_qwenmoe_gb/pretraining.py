@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers import AutoConfig, HfArgumentParser, TrainingArguments, set_seed
 
 from . import analysis
+from .convert import TRANSFORMERS_UNITS, qwen_moe_config
 from .data import (
     ByteTokenizer,
     DomainBatchSampler,
@@ -58,7 +59,9 @@ PRETRAIN_DEFAULTS = [
 @dataclass
 class ModelArguments:
     preset: str = field(default="demo", metadata={"help": "preset name (configuration/*.json) or a config JSON path"})
-    model_name_or_path: str | None = field(default=None, metadata={"help": "start from this checkpoint instead"})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "start from this checkpoint instead (QwenMoE-GB, or stock Qwen2/3-MoE)"}
+    )
     balance_scope: str = field(default="global", metadata={"help": "micro | global | sequence"})
     router_aux_loss_coef: float = field(default=0.1, metadata={"help": "expert-level LBL coefficient"})
     micro_balance_coef: float = field(default=0.0, metadata={"help": "extra micro LBL on top of global"})
@@ -184,7 +187,10 @@ def build_model(
     if distributed_config is not None:
         kwargs["distributed_config"] = distributed_config
     if model_args.model_name_or_path:
-        model = QwenMoeGBForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+        source = model_args.model_name_or_path
+        if AutoConfig.from_pretrained(source).model_type in TRANSFORMERS_UNITS:  # a stock Qwen2/3-MoE checkpoint
+            kwargs["config"] = qwen_moe_config(source, **model_args.balance_fields())
+        model = QwenMoeGBForCausalLM.from_pretrained(source, **kwargs)
         for name, value in model_args.balance_fields().items():
             setattr(model.config, name, value)
         model.config.validate_balance()

@@ -3,9 +3,12 @@
     qwenmoe-gb pretrain --output_dir runs/pretrain                   # or any QwenMoE-GB / Qwen MoE checkpoint
     python scripts/sft_example.py --model runs/pretrain --output_dir runs/sft [--lora] [--freeze_router]
     python scripts/sft_example.py --model Qwen/Qwen1.5-MoE-A2.7B --data my_sft.jsonl --bf16 ...
+    python scripts/sft_example.py --model runs/pretrain --lora --export runs/sft-stock   # + merge, stock Qwen-MoE
 
 `--data` is a jsonl file with `prompt` / `completion` fields (default: arithmetic questions built from the embedded
-synthetic corpus). Every other flag is a `trl.SFTConfig` flag.
+synthetic corpus). `--export DIR` writes the fine-tuned model (LoRA merged) as a stock Qwen3-MoE / Qwen2-MoE
+checkpoint that vLLM, llama.cpp and transformers load without this package (`modeling_qwenmoe_gb.convert`). Every
+other flag is a `trl.SFTConfig` flag.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from datasets import Dataset, load_dataset
 from transformers import AutoTokenizer, HfArgumentParser
 from trl import SFTConfig
 
-from modeling_qwenmoe_gb.convert import from_qwen_moe
+from modeling_qwenmoe_gb.convert import EXPORT_TARGETS, export_qwen_moe, from_qwen_moe
 from modeling_qwenmoe_gb.data import ByteTokenizer, synthetic_corpus
 from modeling_qwenmoe_gb.sft import QwenMoeGBSFTTrainer, lora_config
 
@@ -31,6 +34,8 @@ class ExampleArguments:
     balance_scope: str = field(default="global", metadata={"help": "micro | global | sequence"})
     lora: bool = field(default=False, metadata={"help": "LoRA on attention and experts instead of full fine-tuning"})
     freeze_router: bool = field(default=False, metadata={"help": "with --lora: keep the router frozen"})
+    export: str | None = field(default=None, metadata={"help": "also write a stock Qwen-MoE checkpoint here"})
+    export_to: str = field(default="auto", metadata={"help": "stock architecture", "choices": list(EXPORT_TARGETS)})
 
 
 def arithmetic_pairs() -> Dataset:
@@ -60,6 +65,10 @@ def main() -> None:
     trainer = QwenMoeGBSFTTrainer(model=model, args=sft_args, train_dataset=data, processing_class=tokenizer)
     trainer.train()
     trainer.save_model()
+    if example.export:
+        trained = model.merge_and_unload() if example.lora else model  # LoRA folded into the weights
+        out = export_qwen_moe(trained, example.export, example.export_to, tokenizer, source_name=example.model)
+        print(f"exported the fine-tuned model to {out}: vllm serve {out}")
 
 
 if __name__ == "__main__":
