@@ -79,7 +79,7 @@ def test_push_uploads_weights_code_and_card_with_a_mocked_api(run_dir):
     assert {"model.safetensors", "config.json", "configuration_qwenmoe_gb.py", "modeling_qwenmoe_gb.py",
             "README.md"} <= uploaded  # fmt: skip
     assert "checkpoint-*" in kwargs["ignore_patterns"]
-    with pytest.raises(ValueError, match="is not a saved QwenMoE-GB checkpoint"):
+    with pytest.raises(ValueError, match="is neither a saved QwenMoE-GB checkpoint nor a stock export"):
         push_folder(out / "nowhere", "someone/x", api=api)
 
 
