@@ -293,7 +293,7 @@ def export_qwen_moe(source, out: str | Path, to: str = "auto", tokenizer=None, s
     Qwen3-MoE / Qwen2-MoE checkpoint: weights with per-expert names, config.json without `auto_map`, no code, the
     tokenizer (from the folder, or `tokenizer`: an object or a path / Hub name), the generation config and a card
     (training settings, data, evaluation, how to serve). Returns `out`."""
-    from .hub import write_export_card
+    from .hub import write_model_card
 
     model, source_dir = _source_model(source)
     stock = to_qwen_moe(model, to)
@@ -315,8 +315,34 @@ def export_qwen_moe(source, out: str | Path, to: str = "auto", tokenizer=None, s
             recorded[name] = json.loads((source_dir / name).read_text())
     if source_dir is not None and (source_dir / "expert_heatmap.png").is_file():
         shutil.copyfile(source_dir / "expert_heatmap.png", out / "expert_heatmap.png")
-    write_export_card(out, model.config, stock.config, notes, recorded, source_name or (source_dir and source_dir.name))
+    data_info = recorded.get("data_info.json") or {}
+    describe = ""
+    if data_info:
+        domains = ", ".join(data_info["domains"])
+        describe = f"`{data_info['data']}` tokenized with `{data_info['tokenizer']}`; domains {domains}"
+    write_model_card(
+        out, model.config, recorded.get("eval.json"), recorded.get("specialization.json"), describe,
+        data=data_info.get("data"), **_export_lineage(source_name, source_dir), template="stock_export_card.md",
+        tags=[target], architecture_class=stock.config.architectures[0], model_type=target,
+        llama_cpp="llama.cpp: " + "; ".join(notes) + "." if notes else "",
+    )  # fmt: skip
     return out
+
+
+def _export_lineage(source_name: str | None, source_dir: Path | None) -> dict:
+    """Where an export sits in the Hub's model tree: under the QwenMoE-GB repo it was exported from (same weights,
+    another format: no relation applies, the Hub infers one), else under the source run's own base model."""
+    from huggingface_hub import ModelCard
+
+    from .hub import hub_model_id
+
+    if base := hub_model_id(source_name or (source_dir and str(source_dir))):
+        return {"base_model": base}
+    if source_dir is not None and (source_dir / "README.md").is_file():
+        data = ModelCard.load(source_dir / "README.md").data
+        if data.base_model:
+            return {"base_model": data.base_model, "base_model_relation": data.get("base_model_relation")}
+    return {"source": source_name or (source_dir and str(source_dir))}
 
 
 __all__ = [

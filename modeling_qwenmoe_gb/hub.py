@@ -1,21 +1,25 @@
-"""Model card and Hub upload for trained QwenMoE-GB checkpoints.
+"""Model cards and Hub upload for QwenMoE-GB checkpoints, stock exports and LoRA adapters.
 
 Features
-- `write_model_card(folder, ...)`: the checkpoint's README.md from `model_cards/qwenmoe_gb_card.md` through
-  huggingface_hub's `ModelCard` / `ModelCardData`: config, balance settings, data, evaluation, specialization plot.
-- `write_export_card(folder, ...)`: the card of a stock Qwen-MoE export (`model_cards/stock_export_card.md`): how it
-  was trained, how to serve it, what llama.cpp would compute differently.
+- `write_model_card(folder, config, ...)`: every card the project writes (pretrain and compare runs, stock exports,
+  SFT and LoRA adapters) goes through it: a template of `model_cards/` rendered through huggingface_hub's `ModelCard`,
+  metadata from `card_metadata`.
+- `card_metadata(...)`: huggingface_hub's own types: per-domain and average held-out perplexity as `EvalResult`s
+  (written as `model-index`: task text-generation, the dataset as the run knew it), `metrics` as metric names,
+  `datasets` for Hub data, `base_model` + `base_model_relation` (lineage: the model tree), tags, license.
+- `hub_model_id(name_or_path)`: the Hub repo a model came from (a Hub name, or a snapshot in the HF cache).
 - `push_folder(folder, repo_id)`: `create_repo` + `upload_folder` of either form: a QwenMoE-GB checkpoint (weights,
   the Hub code files, the card; an `auto_map` saved before it named `AutoModel` is completed first) or a stock export
-  (weights, config, tokenizer, card; no code).
+  (weights, config, tokenizer, card; no code). The card's placeholder repo id becomes `repo_id`.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 from .analysis import format_ppl_table
 
@@ -43,6 +47,11 @@ ARCHITECTURE_FIELDS = (
     "vocab_size",
     "max_position_embeddings",
 )
+BASE_MODEL_RELATIONS = ("finetune", "adapter", "merge", "quantized")  # the Hub's model-tree relations
+SYNTHETIC = ("qwenmoe-gb-synthetic", "QwenMoE-GB synthetic corpus")  # dataset type and name of the embedded corpus
+TAGS = ["mixture-of-experts", "qwenmoe_gb", "global-batch-load-balancing"]
+HUB_CACHE_SNAPSHOT = re.compile(r"models--([^/]+)--([^/]+)/snapshots/")
+HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
 def _template(name: str = "qwenmoe_gb_card.md") -> Path:
@@ -57,6 +66,88 @@ def _human(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
 
 
+def hub_model_id(name_or_path: str | None) -> str | None:
+    """The Hub repo id a model was loaded from: `name_or_path` itself when it is a Hub name (not a local folder), the
+    repo of a snapshot folder in the HF cache, else None (a local checkpoint has no place in the Hub's model tree)."""
+    if not name_or_path:
+        return None
+    if match := HUB_CACHE_SNAPSHOT.search(str(name_or_path)):
+        return f"{match[1]}/{match[2]}"
+    name = str(name_or_path)
+    if Path(name).exists() or name.startswith((".", "/")) or not HUB_ID.match(name):
+        return None
+    return name
+
+
+def dataset_sources(data: str | None, domains: list[str]) -> tuple[dict[str, tuple[str, str, str | None]], list[str]]:
+    """How the run knew its data, per domain (dataset type, dataset name, config), and the Hub datasets among them.
+    `data` as `qwenmoe-gb pretrain --data` takes it: `synthetic`, `hub:org/name` (domains from a column: config =
+    domain), `hub:code=org/a,math=org/b` (a dataset per domain), or a local folder (one sub-folder per domain)."""
+    if data is None or data == "synthetic":
+        return {d: (*SYNTHETIC, d) for d in domains}, []
+    if data.startswith("hub:"):
+        specs = [n for n in data[4:].split(",") if n]
+        named = {spec.rpartition("=")[0] or spec.rstrip("/").split("/")[-1]: spec.rpartition("=")[2] for spec in specs}
+        hub_ids = list(dict.fromkeys(named.values()))
+        if len(hub_ids) == 1:  # one dataset; its domains are configurations of it
+            return {d: (hub_ids[0], hub_ids[0], d) for d in domains}, hub_ids
+        return {d: (named[d], named[d], None) if d in named else (data, data, d) for d in domains}, hub_ids
+    folder = Path(data).name or str(data)
+    return {d: (f"local:{folder}", folder, d) for d in domains}, []
+
+
+def eval_results(eval_report: dict, data: str | None = None) -> list[EvalResult]:
+    """Held-out perplexity (the test split of each domain) as `EvalResult`s: one per domain and the average."""
+    domains = list(eval_report["domains"])
+    sources, _ = dataset_sources(data, domains)
+    results = []
+    for domain, values in eval_report["domains"].items():
+        dataset_type, dataset_name, config = sources[domain]
+        results.append(EvalResult(
+            task_type="text-generation", dataset_type=dataset_type, dataset_name=dataset_name, dataset_config=config,
+            dataset_split="test", metric_type="perplexity", metric_name=f"perplexity ({domain})",
+            metric_value=round(float(values["ppl"]), 4),
+        ))  # fmt: skip
+    names = sorted({sources[d][1] for d in domains})
+    whole = (sources[domains[0]][0], names[0]) if len(names) == 1 else ("mixture", ", ".join(names))
+    average = round(float(eval_report["average_ppl"]), 4)
+    results.append(EvalResult(
+        task_type="text-generation", dataset_type=whole[0], dataset_name=whole[1], dataset_split="test",
+        metric_type="perplexity", metric_name="average perplexity", metric_value=average,
+    ))  # fmt: skip
+    return results
+
+
+def card_metadata(
+    model_name: str,
+    eval_report: dict | None = None,
+    data: str | None = None,
+    base_model: str | None = None,
+    base_model_relation: str | None = None,
+    tags: list[str] | tuple[str, ...] = (),
+    library_name: str = "transformers",
+) -> ModelCardData:
+    """The card's metadata in huggingface_hub's types (see the module docstring)."""
+    if base_model_relation is not None and base_model_relation not in BASE_MODEL_RELATIONS:
+        raise ValueError(
+            f"base_model_relation={base_model_relation!r} is unknown: allowed {list(BASE_MODEL_RELATIONS)}"
+        )
+    results = eval_results(eval_report, data) if eval_report else None
+    _, hub_datasets = dataset_sources(data, list(eval_report["domains"]) if eval_report else [])
+    lineage = {"base_model": base_model, "base_model_relation": base_model_relation} if base_model else {}
+    return ModelCardData(
+        library_name=library_name,
+        pipeline_tag="text-generation",
+        license="apache-2.0",
+        tags=list(dict.fromkeys([*TAGS, *tags])),
+        model_name=model_name,
+        datasets=hub_datasets or None,
+        metrics=["perplexity"] if results else None,
+        eval_results=results,
+        **lineage,
+    )
+
+
 def write_model_card(
     folder: str | Path,
     config,
@@ -64,27 +155,25 @@ def write_model_card(
     specialization: dict | None = None,
     data_description: str = "",
     repo_id: str | None = None,
+    *,
+    data: str | None = None,
+    base_model: str | None = None,
+    base_model_relation: str | None = None,
+    source: str | None = None,
+    template: str = "qwenmoe_gb_card.md",
+    tags: list[str] | tuple[str, ...] = (),
+    library_name: str = "transformers",
+    **fields,
 ) -> ModelCard:
+    """`folder`/README.md from `model_cards/<template>`: `config` (the QwenMoE-GB config it was trained with), the
+    run's `eval_report` (`eval.json`) and `specialization`, its `data` (as `--data` took it) and description, and its
+    lineage: `base_model` (a Hub repo id) and `base_model_relation`, or `source` (a local checkpoint, text only).
+    `fields` go to the template. Returns the card."""
     folder = Path(folder)
     model_name = repo_id or folder.name
-    metrics = []
-    if eval_report:
-        metrics = [
-            {"type": "perplexity", "name": f"PPL {d}", "value": round(v["ppl"], 4)}
-            for d, v in eval_report["domains"].items()
-        ]
-        metrics.append({"type": "perplexity", "name": "average PPL", "value": round(eval_report["average_ppl"], 4)})
-    card_data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag="text-generation",
-        license="apache-2.0",
-        tags=["mixture-of-experts", "qwenmoe_gb", "global-batch-load-balancing", "custom_code"],
-        model_name=model_name,
-        eval_results=None,
-    )
     card = ModelCard.from_template(
-        card_data,
-        template_path=str(_template()),
+        card_metadata(model_name, eval_report, data, base_model, base_model_relation, tags, library_name),
+        template_path=str(_template(template)),
         model_name=model_name,
         repo_id=repo_id or f"<user>/{folder.name}",
         total_params=_human(config.num_params()),
@@ -94,67 +183,24 @@ def write_model_card(
         balance={k: getattr(config, k) for k in BALANCE_FIELDS},
         data_description=data_description or "not recorded",
         eval_table=format_ppl_table(eval_report) if eval_report else "not evaluated",
-        specialization_kl=f"{specialization['specialization_kl']:.4f}" if specialization else "n/a",
+        specialization_kl=f"{specialization['specialization_kl']:.4f}" if specialization else None,
         max_frequency=(
             ", ".join(f"{d} {v:.3f}" for d, v in specialization["max_expert_frequency"].items())
             if specialization
-            else "n/a"
+            else None
         ),
+        lineage=_lineage(base_model, base_model_relation, source),
+        **fields,
     )
-    card.data.metrics = metrics or None
     card.save(folder / "README.md")
     return card
 
 
-def write_export_card(
-    folder: str | Path,
-    config,
-    stock_config,
-    llama_cpp_notes: list[str],
-    recorded: dict,
-    source_name: str | None = None,
-    repo_id: str | None = None,
-) -> ModelCard:
-    """README.md of a stock export: `config` is the QwenMoE-GB config it was trained with, `stock_config` the exported
-    one, `recorded` the training run's `eval.json` / `data_info.json` / `specialization.json` where it had them."""
-    folder = Path(folder)
-    model_name = repo_id or folder.name
-    eval_report, data_info = recorded.get("eval.json"), recorded.get("data_info.json")
-    spec = recorded.get("specialization.json")
-    card_data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag="text-generation",
-        license="apache-2.0",
-        tags=["mixture-of-experts", stock_config.model_type, "qwenmoe_gb", "global-batch-load-balancing"],
-        model_name=model_name,
-    )
-    data = "not recorded"
-    if data_info:
-        domains = ", ".join(data_info["domains"])
-        data = f"`{data_info['data']}` tokenized with `{data_info['tokenizer']}`; domains {domains}"
-    card = ModelCard.from_template(
-        card_data,
-        template_path=str(_template("stock_export_card.md")),
-        model_name=model_name,
-        repo_id=repo_id or f"<user>/{folder.name}",
-        total_params=_human(config.num_params()),
-        active_params=_human(config.num_active_params()),
-        balance_scope=config.balance_scope,
-        architecture_class=stock_config.architectures[0] if stock_config.architectures else stock_config.model_type,
-        model_type=stock_config.model_type,
-        llama_cpp="llama.cpp: " + "; ".join(llama_cpp_notes) + "." if llama_cpp_notes else "",
-        balance={k: getattr(config, k) for k in BALANCE_FIELDS},
-        data_description=data + (f" (exported from `{source_name}`)" if source_name else ""),
-        eval_table=format_ppl_table(eval_report) if eval_report else "not evaluated",
-        specialization=(
-            f"Expert specialization I(domain; expert): **{spec['specialization_kl']:.4f}**.\n\n"
-            "![expert selection frequency per domain and layer](expert_heatmap.png)"
-            if spec
-            else ""
-        ),
-    )
-    card.save(folder / "README.md")
-    return card
+def _lineage(base_model: str | None, relation: str | None, source: str | None) -> str:
+    if base_model:
+        how = {"adapter": "A LoRA adapter of", "merge": "Merged from", "quantized": "Quantized from"}
+        return f"{how.get(relation, 'Fine-tuned from')} [{base_model}](https://huggingface.co/{base_model})."
+    return f"Trained from the local checkpoint `{source}`." if source else ""
 
 
 HUB_FILES = ("config.json", "configuration_qwenmoe_gb.py", "modeling_qwenmoe_gb.py", "README.md")
@@ -191,6 +237,8 @@ def push_folder(
         )
     if required is HUB_FILES and complete_auto_map(folder):
         print(f"{folder}/config.json: auto_map completed with AutoModel (saved by an earlier version)")
+    card = folder / "README.md"
+    card.write_text(card.read_text().replace(f"<user>/{folder.name}", repo_id))  # the card names its repository
     api = api or HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     commit = api.upload_folder(

@@ -33,7 +33,7 @@ from .data import (
     save_data_info,
     tokenizer_vocab_size,
 )
-from .hub import write_model_card
+from .hub import hub_model_id, write_model_card
 from .modeling_qwenmoe_gb import QwenMoeGBForCausalLM
 from .presets import load_preset
 from .trainer import QwenMoeGBTrainer, SwitchScopeCallback
@@ -277,7 +277,10 @@ def pretrain(argv: list[str]) -> dict:
     info = (out_dir / "data_info.json", corpus, train, data_args.tokenizer, data_args.data, train_args.world_size)
     save_data_info(*info)
     result = evaluate_and_analyze(trained, test, out_dir, data_args, f"{model.config.balance_scope} balance")
-    write_model_card(out_dir, model.config, result["eval"], result["specialization"], describe_data(data_args, train))
+    base = hub_model_id(model_args.model_name_or_path)
+    write_model_card(out_dir, model.config, result["eval"], result["specialization"], describe_data(data_args, train),
+                     data=data_args.data, base_model=base, base_model_relation="finetune" if base else None,
+                     source=None if base else model_args.model_name_or_path)  # fmt: skip
     print(analysis.format_ppl_table(result["eval"]))
     print(f"specialization KL: {result['specialization']['specialization_kl']:.4f}   (files in {out_dir})")
     return result

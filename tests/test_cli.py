@@ -10,6 +10,8 @@ from modeling_qwenmoe_gb import QwenMoeGBForCausalLM
 from modeling_qwenmoe_gb.cli import main, pretrain
 from modeling_qwenmoe_gb.hub import push_folder
 
+from .card_checks import assert_card
+
 TINY = [
     "--max_steps", "6",
     "--warmup_steps", "0",
@@ -50,6 +52,7 @@ def test_pretrain_writes_model_eval_analysis_and_card(run_dir):
         assert torch.tensor(freq, dtype=torch.float64).sum(-1).allclose(torch.tensor(2.0, dtype=torch.float64))
         assert 2 / 8 - 1e-6 <= spec["max_expert_frequency"][domain] <= 1.0
     assert (out / "expert_heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    assert_card(out, report)  # huggingface_hub reads the evaluation back; no lineage: trained from scratch
     card = (out / "README.md").read_text()
     assert f"{report['average_ppl']:.3f}" in card and f"{spec['specialization_kl']:.4f}" in card
     assert "balance_scope" in card and "global" in card

@@ -6,6 +6,8 @@ import pytest
 
 from modeling_qwenmoe_gb.compare import compare
 
+from .card_checks import assert_card
+
 TINY = [
     "--max_steps", "3",
     "--logging_steps", "1",
@@ -35,6 +37,9 @@ def test_compare_two_arms_writes_the_report(tmp_path):
         for seed in (0, 1):
             history = json.loads((out / arm / f"seed{seed}" / "log_history.json").read_text())["log_history"]
             first_ce[arm, seed] = history[0]["ce_loss"]
+    for arm in ("micro", "global"):  # each arm's card, through the same writer as every card
+        arm_dir = out / arm / "seed0"
+        assert_card(arm_dir, json.loads((arm_dir / "eval.json").read_text()))
     assert first_ce["micro", 0] == first_ce["global", 0]  # same init, same first batch
     assert first_ce["micro", 1] == first_ce["global", 1]
     assert first_ce["micro", 0] != first_ce["micro", 1]  # seeds differ
