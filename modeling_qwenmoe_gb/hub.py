@@ -171,6 +171,8 @@ def write_model_card(
     `fields` go to the template. Returns the card."""
     folder = Path(folder)
     model_name = repo_id or folder.name
+    if template == "qwenmoe_gb_card.md":  # the repository carries its code: loads with trust_remote_code
+        tags = [*tags, "custom_code"]
     card = ModelCard.from_template(
         card_metadata(model_name, eval_report, data, base_model, base_model_relation, tags, library_name),
         template_path=str(_template(template)),

@@ -52,7 +52,8 @@ def test_pretrain_writes_model_eval_analysis_and_card(run_dir):
         assert torch.tensor(freq, dtype=torch.float64).sum(-1).allclose(torch.tensor(2.0, dtype=torch.float64))
         assert 2 / 8 - 1e-6 <= spec["max_expert_frequency"][domain] <= 1.0
     assert (out / "expert_heatmap.png").read_bytes()[:4] == b"\x89PNG"
-    assert_card(out, report)  # huggingface_hub reads the evaluation back; no lineage: trained from scratch
+    card_data = assert_card(out, report).data  # huggingface_hub reads the evaluation back; no lineage: from scratch
+    assert "custom_code" in card_data.tags and card_data.datasets is None  # the embedded corpus is not on the Hub
     card = (out / "README.md").read_text()
     assert f"{report['average_ppl']:.3f}" in card and f"{spec['specialization_kl']:.4f}" in card
     assert "balance_scope" in card and "global" in card
