@@ -26,29 +26,31 @@ SPECIALIZATION_METRIC = str(Path(__file__).resolve().parent / "metrics" / "exper
 
 @torch.no_grad()
 def route_domains(model, packed: PackedDomains, batch_size: int = 16, max_sequences: int | None = None) -> dict:
-    """{domain: {"ce_sum", "tokens", "counts" (L, E), "topk_score_sum" (L,)}} over the held-out sequences."""
+    """{domain: {"ce_sum", "tokens", "counts" (L, E), "topk_score_sum" (L,)}} over the held-out sequences; a model
+    without routers (a dense baseline) gets "ce_sum" and "tokens" only."""
     model.eval()
     device = next(model.parameters()).device
-    routers = model.model.moe_routers()
+    routers = model.model.moe_routers() if hasattr(model.model, "moe_routers") else None
     out = {}
     for domain in packed.domains:
         seqs = packed.sequences[domain][:max_sequences]
         ce_sum, tokens, counts, topk = 0.0, 0, 0, 0
         for start in range(0, len(seqs), batch_size):
             ids = seqs[start : start + batch_size].to(device)  # (B, S)
-            result = model(input_ids=ids, output_router_logits=True)
+            result = model(input_ids=ids, output_router_logits=routers is not None)
             logits = result.logits[:, :-1].float()  # (B, S-1, V)
             ce = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
             )
             ce_sum += ce.item()
             tokens += ids[:, 1:].numel()
-            counts = counts + result.router_stats.counts.sum(1).double().cpu()  # (L, E)
-            topk = (
-                topk + torch.stack([_topk_score_sum(x, r) for x, r in zip(result.router_logits, routers)]).cpu()
-            )  # (L,)
-        n_tokens = len(seqs) * seqs.shape[1]
-        out[domain] = {"ce_sum": ce_sum, "tokens": tokens, "counts": counts, "topk_score_sum": topk / n_tokens}
+            if routers is not None:
+                counts = counts + result.router_stats.counts.sum(1).double().cpu()  # (L, E)
+                scores = [_topk_score_sum(x, r) for x, r in zip(result.router_logits, routers)]
+                topk = topk + torch.stack(scores).cpu()  # (L,)
+        out[domain] = {"ce_sum": ce_sum, "tokens": tokens}
+        if routers is not None:
+            out[domain].update(counts=counts, topk_score_sum=topk / (len(seqs) * seqs.shape[1]))
     return out
 
 

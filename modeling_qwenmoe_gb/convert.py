@@ -125,6 +125,158 @@ def _drop_stand_ins(model: QwenMoeGBForCausalLM, stand_ins: list[str]) -> None:
             model.config.qkv_bias = False
 
 
+# ----------------------------------------------------------------------------------------- up from dense
+
+DENSE = ("qwen2", "qwen3", "llama")
+UPCYCLE_RECIPES = ("copy", "segment")
+DENSE_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
+    "tie_word_embeddings", "rope_parameters", "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id",
+    "use_sliding_window", "sliding_window", "max_window_layers", "layer_types", "dtype",
+)  # fmt: skip
+
+
+def dense_moe_config(
+    source,
+    num_experts: int,
+    num_experts_per_tok: int,
+    moe_intermediate_size: int | None = None,
+    shared_expert_intermediate_size: int = 0,
+    recipe: str = "copy",
+    **fields,
+) -> QwenMoeGBConfig:
+    """The `QwenMoeGBConfig` of a dense Qwen2 / Qwen3 / Llama config (object, path or Hub name) upcycled into
+    `num_experts` experts of width `moe_intermediate_size` (default: the dense width for `copy`; required for
+    `segment`, a divisor of the dense width), top-`num_experts_per_tok`, normalised top-k weights. `fields`: any other
+    config field (balance options). Every setting that cannot work raises a ValueError naming the field."""
+    dense = source if not isinstance(source, str) else AutoConfig.from_pretrained(source)
+    if dense.model_type not in DENSE:
+        raise ValueError(f"model_type={dense.model_type!r} is not a supported dense model: allowed {list(DENSE)}")
+    if recipe not in UPCYCLE_RECIPES:
+        raise ValueError(f"recipe={recipe!r} is unknown: allowed {list(UPCYCLE_RECIPES)}")
+    for name in ("mlp_bias", "attention_bias"):
+        if dense.model_type == "llama" and getattr(dense, name, False):
+            raise ValueError(f"{name}=True (llama): QwenMoE-GB's Llama-shaped attention and experts have no such bias")
+    width = dense.intermediate_size
+    if recipe == "copy":
+        moe_intermediate_size = moe_intermediate_size or width
+        if moe_intermediate_size != width:
+            raise ValueError(
+                f"moe_intermediate_size={moe_intermediate_size}: recipe 'copy' needs the dense width {width}"
+            )
+    elif not moe_intermediate_size or width % moe_intermediate_size:
+        raise ValueError(
+            f"moe_intermediate_size={moe_intermediate_size} does not divide intermediate_size={width}: recipe "
+            "'segment' splits the dense FFN into segments of that width"
+        )
+    if recipe == "segment":
+        rest = width if shared_expert_intermediate_size in (0, width) else width - shared_expert_intermediate_size
+        if rest <= 0 or rest % moe_intermediate_size:
+            raise ValueError(
+                f"shared_expert_intermediate_size={shared_expert_intermediate_size}: 0, the dense width {width}, or a "
+                f"smaller width that leaves a multiple of moe_intermediate_size={moe_intermediate_size} for the experts"
+            )
+        if num_experts % (segments := rest // moe_intermediate_size):
+            raise ValueError(f"num_experts={num_experts} is not a multiple of the {segments} segments of the FFN")
+    elif not 0 <= shared_expert_intermediate_size <= width:
+        raise ValueError(f"shared_expert_intermediate_size={shared_expert_intermediate_size}: allowed 0..{width}")
+    kept = {k: getattr(dense, k) for k in DENSE_FIELDS if getattr(dense, k, None) is not None}
+    if dense.model_type == "qwen3":
+        kept.update(use_qk_norm=True, qkv_bias=False, head_dim=dense.head_dim)
+        kept["attention_bias"] = getattr(dense, "attention_bias", False)
+    else:
+        kept.update(use_qk_norm=False, qkv_bias=dense.model_type == "qwen2")
+        kept["head_dim"] = getattr(dense, "head_dim", None) or dense.hidden_size // dense.num_attention_heads
+    kept.update(num_experts=num_experts, num_experts_per_tok=num_experts_per_tok, norm_topk_prob=True,
+                moe_intermediate_size=moe_intermediate_size, decoder_sparse_step=1, mlp_only_layers=[],
+                shared_expert_intermediate_size=shared_expert_intermediate_size)  # fmt: skip
+    return QwenMoeGBConfig(**{**kept, **fields})
+
+
+def from_dense(
+    source,
+    num_experts: int,
+    num_experts_per_tok: int,
+    moe_intermediate_size: int | None = None,
+    shared_expert_intermediate_size: int = 0,
+    recipe: str = "copy",
+    reinit_ratio: float = 0.0,
+    seed: int | None = None,
+    **kwargs,
+) -> QwenMoeGBForCausalLM:
+    """Upcycle a dense Qwen2 / Qwen3 / Llama causal LM (a model, a folder or a Hub name) into a QwenMoE-GB MoE.
+    Embeddings, attention (Qwen3: QK-norm; Qwen2: q/k/v bias), norms and LM head are copied; each FFN becomes experts:
+
+    - `recipe="copy"` (sparse upcycling, Komatsuzaki et al. 2022): every expert is the dense FFN. The top-k weights
+      are normalised (they sum to 1), so the MoE computes exactly the dense function at initialisation, whatever the
+      (random) router. A shared expert (`shared_expert_intermediate_size` S > 0) starts from the first S units of the
+      FFN with a zero down projection and a zero gate: it adds exactly 0.
+    - `recipe="segment"` (fine-grained, as Qwen1.5-MoE): the FFN's hidden units are split into segments of
+      `moe_intermediate_size`; expert e is segment e mod G (replicated to `num_experts`). With a shared expert of the
+      full dense width (S = `intermediate_size`) the shared expert *is* the dense FFN (down projection × 2 against
+      sigmoid(0) = ½ of its zero-initialised gate) and the routed experts start with zero down projections: exactly
+      the dense function. Otherwise it is not preserved: the shared expert holds the first S units (× 2 as above),
+      the routed experts the G segments of the rest with their down projections × G, so that the normalised top-k
+      mixture equals the remaining FFN in expectation over uniformly routed segments (the initial loss gap is
+      measured in the tests and the README).
+    - `reinit_ratio` r (Drop-Upcycling, Nakamura et al. 2025): in every routed expert a random r of its hidden units
+      (from a generator seeded by `seed`, default: drawn from torch's global RNG) are re-initialised from a normal
+      with the mean and std of the dense weights, for expert diversity; with r > 0 no recipe keeps the dense
+      function.
+
+    The router is initialised as a fresh model's (normal, `initializer_range`) and the aux-free bias starts at zero.
+    Config fields in `kwargs` (balance options, ...) go to the config; `dtype` etc. to loading the dense model."""
+    from transformers import AutoModelForCausalLM
+
+    fields = {k: kwargs.pop(k) for k in list(kwargs) if k in QwenMoeGBConfig.__dataclass_fields__}
+    if not 0.0 <= reinit_ratio <= 1.0:
+        raise ValueError(f"reinit_ratio={reinit_ratio}: allowed 0.0..1.0")
+    dense = source if isinstance(source, torch.nn.Module) else AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    config = dense_moe_config(dense.config, num_experts, num_experts_per_tok, moe_intermediate_size,
+                              shared_expert_intermediate_size, recipe, **fields)  # fmt: skip
+    model = QwenMoeGBForCausalLM(config).to(dense.dtype).eval()
+    dense_state = dense.state_dict()
+    state = {k: v for k, v in dense_state.items() if ".mlp." not in k}
+    missing = set(model.load_state_dict(state, strict=False).missing_keys)
+    left = [k for k in missing if ".mlp." not in k and "expert_bias" not in k and not k.endswith("lm_head.weight")]
+    if left:
+        raise ValueError(f"the dense checkpoint lacks {sorted(left)[:4]}: not a {dense.config.model_type} model?")
+    seed = int(torch.randint(2**31 - 1, ())) if seed is None else seed  # set_seed(...) makes it reproducible
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            prefix = f"model.layers.{i}.mlp"
+            ffn = [dense_state[f"{prefix}.{n}_proj.weight"] for n in ("gate", "up", "down")]  # (I, D), (I, D), (D, I)
+            _upcycle_layer(layer.mlp, *ffn, config, recipe, reinit_ratio, generator)
+    model.config._name_or_path = getattr(dense.config, "_name_or_path", "")
+    return model
+
+
+def _upcycle_layer(block, gate, up, down, config, recipe, reinit_ratio, generator) -> None:
+    """Fill one sparse block from the dense FFN's gate (I, D), up (I, D), down (D, I) weights."""
+    width, size, shared = gate.shape[0], config.moe_intermediate_size, config.shared_expert_intermediate_size
+    if shared:
+        block.shared_expert.gate_proj.weight.copy_(gate[:shared])  # (S, D)
+        block.shared_expert.up_proj.weight.copy_(up[:shared])  # (S, D)
+        factor = 2.0 if recipe == "segment" else 0.0  # segment: × 2 against sigmoid(0) = 1/2; copy: adds exactly 0
+        block.shared_expert.down_proj.weight.copy_(down[:, :shared] * factor)  # (D, S)
+        block.shared_expert_gate.weight.zero_()
+    start = shared if recipe == "segment" and 0 < shared < width else 0
+    segments = (width - start) // size
+    scale = 1.0 if recipe == "copy" else (0.0 if shared == width else float(segments))
+    for e in range(config.num_experts):
+        units = slice(start + (e % segments) * size, start + (e % segments + 1) * size)
+        expert_gate, expert_up, expert_down = gate[units].clone(), up[units].clone(), down[:, units] * scale
+        if reinit_ratio > 0:
+            chosen = torch.randperm(size, generator=generator)[: round(reinit_ratio * size)]
+            for weight, source, dim in ((expert_gate, gate, 0), (expert_up, up, 0), (expert_down, down, 1)):
+                fresh = torch.randn(weight.shape, generator=generator) * source.float().std() + source.float().mean()
+                weight.index_copy_(dim, chosen, fresh.to(weight.dtype).index_select(dim, chosen))
+        block.experts.gate_up_proj[e].copy_(torch.cat([expert_gate, expert_up]))  # (2I, D)
+        block.experts.down_proj[e].copy_(expert_down)  # (D, I)
+
+
 # ----------------------------------------------------------------------------------------- out
 
 
@@ -347,6 +499,8 @@ def _export_lineage(source_name: str | None, source_dir: Path | None) -> dict:
 
 __all__ = [
     "EXPORT_TARGETS",
+    "dense_moe_config",
+    "from_dense",
     "export_qwen_moe",
     "from_qwen_moe",
     "llama_cpp_notes",

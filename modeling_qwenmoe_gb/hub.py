@@ -160,6 +160,7 @@ def write_model_card(
     base_model: str | None = None,
     base_model_relation: str | None = None,
     source: str | None = None,
+    origin: str | None = None,
     template: str = "qwenmoe_gb_card.md",
     tags: list[str] | tuple[str, ...] = (),
     library_name: str = "transformers",
@@ -167,7 +168,8 @@ def write_model_card(
 ) -> ModelCard:
     """`folder`/README.md from `model_cards/<template>`: `config` (the QwenMoE-GB config it was trained with), the
     run's `eval_report` (`eval.json`) and `specialization`, its `data` (as `--data` took it) and description, and its
-    lineage: `base_model` (a Hub repo id) and `base_model_relation`, or `source` (a local checkpoint, text only).
+    lineage: `base_model` (a Hub repo id) and `base_model_relation`, or `source` (a local checkpoint, text only);
+    `origin` replaces the lineage sentence (e.g. how the model was upcycled).
     `fields` go to the template. Returns the card."""
     folder = Path(folder)
     model_name = repo_id or folder.name
@@ -191,7 +193,7 @@ def write_model_card(
             if specialization
             else None
         ),
-        lineage=_lineage(base_model, base_model_relation, source),
+        lineage=origin or _lineage(base_model, base_model_relation, source),
         **fields,
     )
     card.save(folder / "README.md")

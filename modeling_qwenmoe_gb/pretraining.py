@@ -21,7 +21,7 @@ import torch
 from transformers import AutoConfig, HfArgumentParser, TrainingArguments, set_seed
 
 from . import analysis
-from .convert import TRANSFORMERS_UNITS, qwen_moe_config
+from .convert import TRANSFORMERS_UNITS, from_dense, qwen_moe_config
 from .data import (
     ByteTokenizer,
     DomainBatchSampler,
@@ -78,6 +78,15 @@ class ModelArguments:
     aux_free_update: str = field(default="global", metadata={"help": "aux-free bias update: global (per step) | micro"})
     switch_scope_at: int | None = field(default=None, metadata={"help": "optimizer step at which to switch scope"})
     switch_scope_to: str | None = field(default=None, metadata={"help": "scope to switch to at switch_scope_at"})
+    upcycle_from: str | None = field(
+        default=None, metadata={"help": "upcycle this dense Qwen2 / Qwen3 / Llama checkpoint (path or Hub name)"}
+    )
+    upcycle_recipe: str = field(default="copy", metadata={"help": "copy | segment", "choices": ["copy", "segment"]})
+    upcycle_reinit_ratio: float = field(default=0.0, metadata={"help": "Drop-Upcycling re-initialised fraction"})
+    num_experts: int | None = field(default=None, metadata={"help": "with --upcycle_from: routed experts"})
+    num_experts_per_tok: int | None = field(default=None, metadata={"help": "with --upcycle_from: top-k"})
+    moe_intermediate_size: int | None = field(default=None, metadata={"help": "with --upcycle_from: expert width"})
+    shared_expert_intermediate_size: int = field(default=0, metadata={"help": "with --upcycle_from: shared width"})
 
     def load_kwargs(self) -> dict:
         """`from_pretrained` / `from_config` kwargs of the model flags."""
@@ -186,7 +195,14 @@ def build_model(
     kwargs = model_args.load_kwargs()
     if distributed_config is not None:
         kwargs["distributed_config"] = distributed_config
-    if model_args.model_name_or_path:
+    if model_args.upcycle_from:
+        model = upcycled_model(model_args, kwargs)
+        if vocab > model.config.vocab_size:
+            raise ValueError(
+                f"tokenizer={data_args.tokenizer!r} has {vocab} tokens but the dense model's vocab_size is "
+                f"{model.config.vocab_size}: allowed tokenizers with at most {model.config.vocab_size} tokens"
+            )
+    elif model_args.model_name_or_path:
         source = model_args.model_name_or_path
         if AutoConfig.from_pretrained(source).model_type in TRANSFORMERS_UNITS:  # a stock Qwen2/3-MoE checkpoint
             kwargs["config"] = qwen_moe_config(source, **model_args.balance_fields())
@@ -214,6 +230,38 @@ def build_model(
             f"{model.config.max_position_embeddings}: allowed 1..{model.config.max_position_embeddings}"
         )
     return model
+
+
+def upcycled_model(model_args: ModelArguments, load_kwargs: dict) -> QwenMoeGBForCausalLM:
+    """`--upcycle_from`: the dense checkpoint upcycled (`convert.from_dense`) with the balance options; loaded through
+    `from_pretrained` when there are load kwargs (experts implementation, a parallel layout)."""
+    if model_args.model_name_or_path:
+        raise ValueError("upcycle_from and model_name_or_path are both given: start from one checkpoint")
+    missing = [n for n in ("num_experts", "num_experts_per_tok") if getattr(model_args, n) is None]
+    if missing:
+        raise ValueError(f"upcycle_from={model_args.upcycle_from!r} needs {', '.join('--' + n for n in missing)}")
+    model = from_dense(
+        model_args.upcycle_from, model_args.num_experts, model_args.num_experts_per_tok,
+        model_args.moe_intermediate_size, model_args.shared_expert_intermediate_size, model_args.upcycle_recipe,
+        model_args.upcycle_reinit_ratio, **model_args.balance_fields(),
+    )  # fmt: skip
+    if not load_kwargs:
+        return model
+    return QwenMoeGBForCausalLM.from_pretrained(None, config=model.config, state_dict=model.state_dict(), **load_kwargs)
+
+
+def origin(model_args: ModelArguments, config) -> dict:
+    """The card's lineage of a run: the Hub model it started from (`finetune`) or the local start, in words."""
+    start = model_args.upcycle_from or model_args.model_name_or_path
+    base = hub_model_id(start)
+    text = None
+    if model_args.upcycle_from:
+        text = (
+            f"Upcycled from `{start}` (recipe `{model_args.upcycle_recipe}`, {config.num_experts} experts top-"
+            f"{config.num_experts_per_tok}, expert width {config.moe_intermediate_size}, shared expert width "
+            f"{config.shared_expert_intermediate_size}, re-initialised fraction {model_args.upcycle_reinit_ratio})."
+        )
+    return {"base_model": base, "base_model_relation": "finetune" if base else None, "source": start, "origin": text}
 
 
 def evaluate_and_analyze(model, packed_test, out_dir: Path, data_args: DataArguments, title: str = "") -> dict:
@@ -277,10 +325,8 @@ def pretrain(argv: list[str]) -> dict:
     info = (out_dir / "data_info.json", corpus, train, data_args.tokenizer, data_args.data, train_args.world_size)
     save_data_info(*info)
     result = evaluate_and_analyze(trained, test, out_dir, data_args, f"{model.config.balance_scope} balance")
-    base = hub_model_id(model_args.model_name_or_path)
     write_model_card(out_dir, model.config, result["eval"], result["specialization"], describe_data(data_args, train),
-                     data=data_args.data, base_model=base, base_model_relation="finetune" if base else None,
-                     source=None if base else model_args.model_name_or_path)  # fmt: skip
+                     data=data_args.data, **origin(model_args, model.config))  # fmt: skip
     print(analysis.format_ppl_table(result["eval"]))
     print(f"specialization KL: {result['specialization']['specialization_kl']:.4f}   (files in {out_dir})")
     return result
@@ -301,9 +347,9 @@ def _settle_distributed(trainer: QwenMoeGBTrainer) -> None:
 
 def _num_experts(model_args: ModelArguments) -> int:
     """`num_experts` of the model to build, read from its config alone (before anything is loaded)."""
+    if model_args.upcycle_from:
+        return model_args.num_experts or 1
     if model_args.model_name_or_path:
-        from transformers import AutoConfig
-
         return AutoConfig.from_pretrained(model_args.model_name_or_path).num_experts
     overrides = json.loads(model_args.config_overrides) if model_args.config_overrides else {}
     return overrides.get("num_experts", load_preset(model_args.preset).num_experts)

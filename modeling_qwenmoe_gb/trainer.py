@@ -109,7 +109,29 @@ class SwitchScopeCallback(TrainerCallback):
             self.config.validate_balance()
 
 
-class GlobalBalanceMixin:
+class DomainBatchesMixin:
+    """A `transformers.Trainer` whose training DataLoader takes its batches from `train_batch_sampler` (e.g.
+    `data.DomainBatchSampler`: domain-pure micro-batches mixed by recipe weights); accelerate deals them round-robin
+    to the ranks. Without one, the Trainer's own sampler."""
+
+    def __init__(self, *args: Any, train_batch_sampler: Sampler | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.train_batch_sampler = train_batch_sampler
+
+    def get_train_dataloader(self) -> DataLoader:
+        if self.train_batch_sampler is None:
+            return super().get_train_dataloader()
+        loader = DataLoader(
+            self.train_dataset,
+            batch_sampler=self.train_batch_sampler,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available(),
+        )
+        return self.accelerator.prepare(loader)
+
+
+class GlobalBalanceMixin(DomainBatchesMixin):
     """Global-batch balancing for any `transformers.Trainer` subclass (put it first: `class T(GlobalBalanceMixin,
     SFTTrainer)`): the balancer, its callback, the loss with the scale rule, metrics, fused-expert restore.
 
@@ -123,7 +145,6 @@ class GlobalBalanceMixin:
         self,
         *args: Any,
         balance_sync_group_size: int | None = None,
-        train_batch_sampler: Sampler | None = None,
         bias_update: str = "global",
         **kwargs: Any,
     ):
@@ -154,20 +175,7 @@ class GlobalBalanceMixin:
             if type(callback) in consoles:  # the stock classes only: a user's own printer stays
                 self.callback_handler.remove_callback(callback)
                 self.add_callback(consoles[type(callback)])
-        self.train_batch_sampler = train_batch_sampler
         self._ce_sum, self._ce_steps = 0.0, 0  # the sum becomes a tensor on the loss's device at the first micro-step
-
-    def get_train_dataloader(self) -> DataLoader:
-        if self.train_batch_sampler is None:
-            return super().get_train_dataloader()
-        loader = DataLoader(
-            self.train_dataset,
-            batch_sampler=self.train_batch_sampler,
-            collate_fn=self.data_collator,
-            num_workers=self.args.dataloader_num_workers,
-            pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available(),
-        )
-        return self.accelerator.prepare(loader)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """The stock save, with the training arguments as JSON instead of a pickled `training_args.bin`, so a saved
@@ -289,8 +297,14 @@ class QwenMoeGBTrainer(GlobalBalanceMixin, Trainer):
     """`transformers.Trainer` for QwenMoE-GB models (see `GlobalBalanceMixin` for the extra args)."""
 
 
+class DomainBatchTrainer(DomainBatchesMixin, Trainer):
+    """`transformers.Trainer` on the same domain-pure batches, for models without routers (dense baselines)."""
+
+
 __all__ = [
     "BalanceCallback",
+    "DomainBatchTrainer",
+    "DomainBatchesMixin",
     "ConsolePrinterCallback",
     "ConsoleProgressCallback",
     "GlobalBalanceMixin",
