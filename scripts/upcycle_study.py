@@ -69,16 +69,21 @@ def evaluate(model, test, args) -> dict:
     return analysis.perplexity_report(analysis.route_domains(model, test, 16, args.eval_sequences))
 
 
-def kl_over_training(run: Path, test, args) -> list[tuple[int, float]]:
-    """Specialization KL of each checkpoint of a MoE run and of the final model."""
+def kl_over_training(run: Path, test, args, heatmaps: bool = False) -> list[tuple[int, float]]:
+    """Specialization KL of each checkpoint of a MoE run and of the final model; with `heatmaps`, the expert-frequency
+    heatmap of each point as `heatmap_step<k>.png` in the run folder (when specialization appears)."""
     points = []
+    final = json.loads((run / "log_history.json").read_text())["log_history"][-1]["step"]  # the run's last step
     for folder in sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) + [run]:
+        step = int(folder.name.split("-")[1]) if folder != run else final
+        if folder == run and points and points[-1][0] == final:
+            break  # the last checkpoint is the final model
         model = QwenMoeGBForCausalLM.from_pretrained(folder)
         routed = analysis.route_domains(model, test, 16, args.eval_sequences)
-        step = int(folder.name.split("-")[1]) if folder != run else args.steps
-        points.append(
-            (step, analysis.specialization_report(routed, model.config.num_experts_per_tok)["specialization_kl"])
-        )
+        spec = analysis.specialization_report(routed, model.config.num_experts_per_tok)
+        points.append((step, spec["specialization_kl"]))
+        if heatmaps:
+            analysis.plot_heatmaps(spec, run / f"heatmap_step{step}.png", f"{run.parent.name}, step {step}")
     return points
 
 
@@ -125,9 +130,12 @@ def main() -> None:
     summary = {"args": vars(args), "base": evaluate(dense, test, args), "initial": {}, "arms": {}}
     for recipe, shape in RECIPES.items():  # the upcycled model before any training, against the dense one
         set_seed(0)
-        upcycled = evaluate(from_dense(dense, **shape, recipe=recipe), test, args)
+        model = from_dense(dense, **shape, recipe=recipe)
+        routed = analysis.route_domains(model, test, 16, args.eval_sequences)
+        upcycled = analysis.perplexity_report(routed)
         gap = upcycled["average_loss"] - summary["base"]["average_loss"]
-        summary["initial"][recipe] = {"average_loss": upcycled["average_loss"], "gap_vs_dense": gap}
+        kl = analysis.specialization_report(routed, model.config.num_experts_per_tok)["specialization_kl"]
+        summary["initial"][recipe] = {"average_loss": upcycled["average_loss"], "gap_vs_dense": gap, "kl": kl}
         config = dense_moe_config(dense.config, recipe=recipe, **shape).to_dict()
         (out / f"moe-{recipe}.json").write_text(json.dumps({k: v for k, v in config.items() if k in QWEN_MOE_FIELDS}))
 
@@ -138,7 +146,7 @@ def main() -> None:
                 run_arm(arm, seed, run, dense_dir, out, args, train)
             result = {"eval": json.loads((run / "eval.json").read_text())}
             if arm != "dense":
-                result["kl_over_training"] = kl_over_training(run, test, args)
+                result["kl_over_training"] = kl_over_training(run, test, args, heatmaps=seed == seeds[0])
                 result["maxvio"] = maxvio(run)
             summary["arms"].setdefault(arm, {})[seed] = result
     analysis.write_json(summary, out / "summary.json")
@@ -221,8 +229,9 @@ def plot(summary: dict, seeds: list[int], out: Path) -> None:
     for arm, runs in summary["arms"].items():
         if arm == "dense":
             continue
+        start = [] if arm.startswith("scratch") else [(0, summary["initial"][arm.split("-")[0]]["kl"])]
         for seed, result in runs.items():
-            steps, kls = zip(*result["kl_over_training"])
+            steps, kls = zip(*(start if seed == seeds[0] else []), *result["kl_over_training"])  # step 0: seed 0's
             right.plot(steps, kls, marker="o", label=arm if seed == seeds[0] else None,
                        color=f"C{names.index(arm)}", alpha=0.8)  # fmt: skip
     right.set_xlabel("optimizer step of the arm")
