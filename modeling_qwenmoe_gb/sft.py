@@ -30,11 +30,13 @@ class QwenMoeGBSFTTrainer(GlobalBalanceMixin, SFTTrainer):
         from .hub import hub_model_id, write_model_card
 
         adapter = hasattr(self.model, "peft_config")
+        peft = self.model.peft_config["default"] if adapter else None
         base = self.model.get_base_model() if adapter else self.model
-        start = self.model.peft_config["default"].base_model_name_or_path if adapter else base.config._name_or_path
+        start = peft.base_model_name_or_path if adapter else base.config._name_or_path
         base_id = hub_model_id(start)
-        targets = sorted(self.model.peft_config["default"].target_modules or []) if adapter else []
-        parameters = self.model.peft_config["default"].target_parameters or [] if adapter else []
+        modules = (peft.target_modules or []) if adapter else []
+        targets = [modules] if isinstance(modules, str) else sorted(modules)  # a regex, or module names
+        parameters = (peft.target_parameters or []) if adapter else []
         write_model_card(
             self.args.output_dir, base.config, None, None, f"`{dataset_name}`" if dataset_name else "",
             repo_id=self.args.hub_model_id, data=dataset_name, base_model=base_id,

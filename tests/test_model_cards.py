@@ -163,3 +163,17 @@ def test_pretrain_from_the_hub_then_push_and_a_lora_adapter_repo(tmp_path, monke
     trained, pulled = torch.load(tmp_path / "o.pt"), torch.load(tmp_path / "p.pt")
     torch.testing.assert_close(pulled["peft"], trained, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(pulled["transformers"], trained, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_card_names_regex_targets_and_the_local_base(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from .test_sft import run_sft
+
+    QwenMoeGBForCausalLM(tiny_config(vocab_size=64, pad_token_id=0)).save_pretrained(tmp_path / "base")
+    model = QwenMoeGBForCausalLM.from_pretrained(tmp_path / "base")  # a local base: named in the text only
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=r".*\.q_proj", task_type="CAUSAL_LM"))
+    trainer = run_sft(tmp_path / "sft", lora)
+    trainer.create_model_card()
+    card = assert_card(tmp_path / "sft", library_name="peft")
+    assert r"LoRA on `.*\.q_proj`" in card.content and f"local checkpoint `{tmp_path / 'base'}`" in card.content
