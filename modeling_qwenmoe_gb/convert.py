@@ -100,8 +100,9 @@ def from_qwen_moe(source: str, **kwargs) -> QwenMoeGBForCausalLM:
     """Load a Qwen1.5/2/3-MoE checkpoint as a QwenMoE-GB model. Config fields (e.g. `balance_scope="global"`,
     `router_aux_loss_coef=0.01`) go to the config; other kwargs (dtype, device_map, ...) to `from_pretrained`."""
     balance = {k: kwargs.pop(k) for k in list(kwargs) if k in QwenMoeGBConfig.__dataclass_fields__}
-    model = QwenMoeGBForCausalLM.from_pretrained(source, config=qwen_moe_config(source, **balance), **kwargs)
-    recorded = getattr(AutoConfig.from_pretrained(source), "qwenmoe_gb", None) or {}
+    source_config = AutoConfig.from_pretrained(source)  # read once: the architecture and an export's record
+    model = QwenMoeGBForCausalLM.from_pretrained(source, config=qwen_moe_config(source_config, **balance), **kwargs)
+    recorded = getattr(source_config, "qwenmoe_gb", None) or {}
     _drop_stand_ins(model, recorded.get("stand_ins", []))
     return model
 
@@ -265,13 +266,14 @@ def _upcycle_layer(block, gate, up, down, config, recipe, reinit_ratio, generato
     start = shared if recipe == "segment" and 0 < shared < width else 0
     segments = (width - start) // size
     scale = 1.0 if recipe == "copy" else (0.0 if shared == width else float(segments))
+    moments = [(w.float().std(), w.float().mean()) for w in (gate, up, down)] if reinit_ratio > 0 else []
     for e in range(config.num_experts):
         units = slice(start + (e % segments) * size, start + (e % segments + 1) * size)
         expert_gate, expert_up, expert_down = gate[units].clone(), up[units].clone(), down[:, units] * scale
         if reinit_ratio > 0:
             chosen = torch.randperm(size, generator=generator)[: round(reinit_ratio * size)]
-            for weight, source, dim in ((expert_gate, gate, 0), (expert_up, up, 0), (expert_down, down, 1)):
-                fresh = torch.randn(weight.shape, generator=generator) * source.float().std() + source.float().mean()
+            for weight, (std, mean), dim in zip((expert_gate, expert_up, expert_down), moments, (0, 0, 1)):
+                fresh = torch.randn(weight.shape, generator=generator) * std + mean
                 weight.index_copy_(dim, chosen, fresh.to(weight.dtype).index_select(dim, chosen))
         block.experts.gate_up_proj[e].copy_(torch.cat([expert_gate, expert_up]))  # (2I, D)
         block.experts.down_proj[e].copy_(expert_down)  # (D, I)

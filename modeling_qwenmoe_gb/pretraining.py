@@ -204,8 +204,9 @@ def build_model(
             )
     elif model_args.model_name_or_path:
         source = model_args.model_name_or_path
-        if AutoConfig.from_pretrained(source).model_type in TRANSFORMERS_UNITS:  # a stock Qwen2/3-MoE checkpoint
-            kwargs["config"] = qwen_moe_config(source, **model_args.balance_fields())
+        source_config = AutoConfig.from_pretrained(source)
+        if source_config.model_type in TRANSFORMERS_UNITS:  # a stock Qwen2/3-MoE checkpoint
+            kwargs["config"] = qwen_moe_config(source_config, **model_args.balance_fields())
         model = QwenMoeGBForCausalLM.from_pretrained(source, **kwargs)
         for name, value in model_args.balance_fields().items():
             setattr(model.config, name, value)
