@@ -6,6 +6,8 @@ Features
 - Balance options: `balance_scope` (micro / global / sequence), `balance_group_size`, `micro_balance_coef`,
   `device_balance_groups` + `device_balance_coef`, `router_z_loss_coef`, `aux_free` + `aux_free_bias_update_rate`,
   `router_scoring_func` (softmax / sigmoid).
+- `router_dtype`: the router linear in the model dtype or in fp32 under bf16/fp16 (a source of routing mismatch
+  between generation and training in RL, see `routed_experts` on the model's forward).
 - `loss_implementation`: the chunked LM-head + cross-entropy loss (no (T, V) logits in training), Liger-Kernel's
   fused one on CUDA, or transformers' one.
 - `num_params()` / `num_active_params()`: parameter counts from the config alone.
@@ -18,6 +20,7 @@ from transformers import Qwen2MoeConfig
 BALANCE_SCOPES = ("micro", "global", "sequence")
 ROUTER_SCORING_FUNCS = ("softmax", "sigmoid")
 LOSS_IMPLEMENTATIONS = ("chunked", "full", "liger")
+ROUTER_DTYPES = ("auto", "float32")
 
 
 class QwenMoeGBConfig(Qwen2MoeConfig):
@@ -63,6 +66,12 @@ class QwenMoeGBConfig(Qwen2MoeConfig):
         router_scoring_func (`str`, *optional*, defaults to `"softmax"`):
             `"softmax"` or `"sigmoid"` router scores. With sigmoid, the balance losses use the scores normalised
             to sum to one over experts.
+        router_dtype (`str`, *optional*, defaults to `"auto"`):
+            Precision of the router linear (hidden states × router weight, the logits): `"auto"` computes it as the
+            model runs (the weights' dtype, or the autocast dtype under bf16 / fp16 autocast); `"float32"` computes it
+            in fp32 from upcast hidden states and weights, outside autocast, whatever the model dtype. The scores
+            (softmax / sigmoid) and top-k are fp32 either way. In RL, a low-precision router linear makes generation
+            and training select different experts for near-tied tokens.
         loss_implementation (`str`, *optional*, defaults to `"chunked"`):
             How training computes the language-model loss: `"chunked"` (the LM head and cross-entropy over chunks of
             tokens from the hidden states, forward and backward, so the (T, V) logits never exist; `logits` is None
@@ -91,6 +100,7 @@ class QwenMoeGBConfig(Qwen2MoeConfig):
     aux_free: bool = False
     aux_free_bias_update_rate: float = 0.001
     router_scoring_func: str = "softmax"
+    router_dtype: str = "auto"
     loss_implementation: str = "chunked"
     loss_chunk_size: int | None = None
     use_qk_norm: bool = False
@@ -119,6 +129,8 @@ class QwenMoeGBConfig(Qwen2MoeConfig):
             raise ValueError(
                 f"router_scoring_func={self.router_scoring_func!r} is unknown: allowed {list(ROUTER_SCORING_FUNCS)}"
             )
+        if self.router_dtype not in ROUTER_DTYPES:
+            raise ValueError(f"router_dtype={self.router_dtype!r} is unknown: allowed {list(ROUTER_DTYPES)}")
         if self.balance_group_size is not None:
             _check_int("balance_group_size", self.balance_group_size, minimum=1)
         if self.loss_implementation not in LOSS_IMPLEMENTATIONS:

@@ -39,7 +39,7 @@ from transformers.conversion_mapping import (
     register_checkpoint_conversion_mapping,
 )
 from transformers.dynamic_module_utils import custom_object_save
-from transformers.generation import GenerationMixin
+from transformers.generation import GenerateDecoderOnlyOutput, GenerationMixin
 from transformers.integrations import use_experts_implementation
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -397,7 +397,9 @@ def _tensor_parallel(weight: torch.Tensor) -> bool:
 
 class QwenMoeGBTopKRouter(nn.Module):
     """Top-k router. Scores are softmax (or sigmoid) of fp32 logits; `expert_bias` (aux-free, fp32, persistent) is
-    added to the scores for top-k selection only, the gate weights come from the unbiased scores."""
+    added to the scores for top-k selection only, the gate weights come from the unbiased scores. The logits' linear
+    runs in fp32 with `config.router_dtype="float32"`. Given `routed_experts` (T, K), tokens with indices use those
+    experts instead of the top-k (routing replay); their gate weights are the current scores at those experts."""
 
     def __init__(self, config: QwenMoeGBConfig):
         super().__init__()
@@ -406,6 +408,7 @@ class QwenMoeGBTopKRouter(nn.Module):
         self.norm_topk_prob = config.norm_topk_prob
         self.scoring_func = config.router_scoring_func
         self.aux_free = config.aux_free
+        self.fp32_logits = config.router_dtype == "float32"
         self.weight = nn.Parameter(torch.zeros(self.num_experts, config.hidden_size))
         self.register_buffer("expert_bias", torch.zeros(self.num_experts, dtype=torch.float32), persistent=True)
 
@@ -415,25 +418,38 @@ class QwenMoeGBTopKRouter(nn.Module):
             self.expert_bias = self.expert_bias.float()
         return self
 
-    def select(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def select(
+        self, router_logits: torch.Tensor, routed_experts: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """fp32 scores (T, E), the selected experts (T, K) and their unbiased scores (T, K); the bias only moves the
-        selection."""
+        selection. `routed_experts` (T, K): where a token's row holds indices (not -1), they are its experts."""
         logits = router_logits.float()
         scores = logits.softmax(-1) if self.scoring_func == "softmax" else logits.sigmoid()  # (T, E)
-        if not self.aux_free:
+        if not self.aux_free and routed_experts is None:
             top_k_scores, top_k_index = torch.topk(scores, self.top_k, dim=-1)  # (T, K), (T, K)
             return scores, top_k_index, top_k_scores
-        top_k_index = torch.topk(scores + self.expert_bias, self.top_k, dim=-1).indices  # (T, K)
+        biased = scores + self.expert_bias if self.aux_free else scores
+        top_k_index = torch.topk(biased, self.top_k, dim=-1).indices  # (T, K)
+        if routed_experts is not None:  # replay: a row of -1 routes as usual
+            top_k_index = torch.where(routed_experts[:, :1] >= 0, routed_experts, top_k_index)  # (T, K)
         return scores, top_k_index, scores.gather(-1, top_k_index)
 
-    def forward(self, hidden_states: torch.Tensor):
+    def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Router logits (T, E) of hidden states (T, D): in the running precision, or fp32 (`router_dtype`)."""
+        if not self.fp32_logits:
+            return F.linear(hidden_states, self.weight)
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            return F.linear(hidden_states.float(), self.weight.float())
+
+    def forward(self, hidden_states: torch.Tensor, routed_experts: torch.Tensor | None = None):
         hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])  # (T, D)
-        router_logits = F.linear(hidden_states, self.weight)  # (T, E)
-        scores, top_k_index, top_k_weights = self.select(router_logits)  # (T, E), (T, K), (T, K)
+        router_logits = self.logits(hidden_states)  # (T, E)
+        scores, top_k_index, top_k_weights = self.select(router_logits, routed_experts)  # (T, E), (T, K), (T, K)
         if self.norm_topk_prob:
             top_k_weights = top_k_weights / top_k_weights.sum(-1, keepdim=True)
         probs = scores if self.scoring_func == "softmax" else scores / scores.sum(-1, keepdim=True)
-        return router_logits, top_k_weights.to(router_logits.dtype), top_k_index, probs
+        weights_dtype = hidden_states.dtype if self.fp32_logits else router_logits.dtype  # the experts' input dtype
+        return router_logits, top_k_weights.to(weights_dtype), top_k_index, probs
 
 
 @use_experts_implementation
@@ -456,10 +472,11 @@ class QwenMoeGBSparseMoeBlock(nn.Module):
             self.shared_expert = Qwen2MoeMLP(config, intermediate_size=config.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
-    def forward(self, hidden_states: torch.Tensor):
+    def forward(self, hidden_states: torch.Tensor, routed_experts: torch.Tensor | None = None):
         batch, seq, hidden = hidden_states.shape
         flat = hidden_states.view(-1, hidden)  # (T, D)
-        router_logits, top_k_weights, top_k_index, probs = self.gate(flat)
+        replay = None if routed_experts is None else routed_experts.reshape(-1, routed_experts.shape[-1])  # (T, K)
+        router_logits, top_k_weights, top_k_index, probs = self.gate(flat, replay)
         out = self.experts(flat, top_k_index, top_k_weights)  # (T, D)
         if self.shared_expert is not None:
             out = out + F.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
@@ -489,8 +506,10 @@ class QwenMoeGBDecoderLayer(GradientCheckpointingLayer):
         cache: Cache | None = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        routed_experts: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """`routed_experts` (B, S, K): this layer's replayed experts (a sparse layer only)."""
         cache = _pop_cache(cache, kwargs)
         residual = hidden_states
         hidden_states, _ = self.self_attn(
@@ -507,7 +526,7 @@ class QwenMoeGBDecoderLayer(GradientCheckpointingLayer):
         hidden_states = self.post_attention_layernorm(hidden_states)
         routing = None
         if isinstance(self.mlp, QwenMoeGBSparseMoeBlock):
-            hidden_states, routing = self.mlp(hidden_states)
+            hidden_states, routing = self.mlp(hidden_states, routed_experts)
         else:
             hidden_states = self.mlp(hidden_states)
         return residual + hidden_states, routing
@@ -567,17 +586,101 @@ class QwenMoeGBPreTrainedModel(PreTrainedModel):
 
 @dataclass
 class QwenMoeGBModelOutputWithPast(MoeModelOutputWithPast):
-    """`MoeModelOutputWithPast` + `router_stats` (`RouterStats`, shapes (L, B, E) / (L, B))."""
+    """`MoeModelOutputWithPast` + `router_stats` (`RouterStats`, shapes (L, B, E) / (L, B)) and, on request
+    (`output_routed_experts=True`), `routed_experts` (B, S, L, K) int64: the experts each token used in each sparse
+    layer, the form `forward(routed_experts=...)` replays."""
 
     router_stats: RouterStats | None = None
+    routed_experts: torch.LongTensor | None = None
 
 
 @dataclass
 class QwenMoeGBCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
-    """`MoeCausalLMOutputWithPast` + `router_stats` and `balance_loss` (the weighted micro-scope balance losses)."""
+    """`MoeCausalLMOutputWithPast` + `router_stats`, `balance_loss` (the weighted micro-scope balance losses) and
+    `routed_experts` (B, S, L, K), on request."""
 
     router_stats: RouterStats | None = None
     balance_loss: torch.Tensor | None = None
+    routed_experts: torch.LongTensor | None = None
+
+
+@dataclass
+class QwenMoeGBGenerateOutput(GenerateDecoderOnlyOutput):
+    """transformers' `GenerateDecoderOnlyOutput` + `routed_experts` (B, S, L, K) int64 for the whole of `sequences`
+    (prompt + new tokens): the experts each position used while generating; -1 where a position was never run (the
+    last token). `forward(sequences, routed_experts=routed_experts)` replays them."""
+
+    routed_experts: torch.LongTensor | None = None
+
+
+def check_routed_experts(routed_experts: torch.Tensor, batch: int, seq: int, num_layers: int, config) -> None:
+    """Raise `ValueError` unless `routed_experts` is an integer (B, S, L, K) tensor of expert indices < num_experts,
+    each token's row either K distinct indices or all -1 (route it as usual). Checks values once (one host sync)."""
+    expected = (batch, seq, num_layers, config.num_experts_per_tok)
+    if routed_experts.is_floating_point() or routed_experts.is_complex() or routed_experts.dtype == torch.bool:
+        raise ValueError(f"routed_experts has dtype {routed_experts.dtype}: allowed an integer dtype (int64)")
+    if tuple(routed_experts.shape) != expected:
+        raise ValueError(
+            f"routed_experts has shape {tuple(routed_experts.shape)}: allowed (batch, sequence, MoE layers, "
+            f"num_experts_per_tok) = {expected}"
+        )
+    rows = routed_experts.sort(-1).values  # (B, S, L, K)
+    unused = rows[..., -1] < 0  # (B, S, L): a row of -1
+    bad_range = ((rows < 0) & ~unused[..., None]).any() | (rows >= config.num_experts).any()
+    repeated = ((rows[..., 1:] == rows[..., :-1]) & ~unused[..., None]).any()
+    bad_range, repeated = (bool(x) for x in torch.stack([bad_range, repeated]).tolist())
+    if bad_range:
+        raise ValueError(
+            f"routed_experts holds indices outside 0..{config.num_experts - 1} (num_experts={config.num_experts}): "
+            "allowed expert indices, or a whole row of -1 for a token routed as usual"
+        )
+    if repeated:
+        raise ValueError("routed_experts names an expert twice for one token: allowed K distinct experts per row")
+
+
+class RoutingRecorder:
+    """Context manager that records the experts a `QwenMoeGBModel` uses in every forward run inside it (each call gets
+    `output_routed_experts=True`): `calls` holds one (B, s, L, K) tensor per forward, in order. With a KV cache (the
+    prefill, then one position per decoding step) `sequence_routing(length)` joins them into the routing of whole
+    sequences, (B, length, L, K), -1 for positions never run."""
+
+    def __init__(self, moe_model: nn.Module):
+        self.moe_model, self.calls, self._handles = moe_model, [], []
+
+    def __enter__(self) -> "RoutingRecorder":
+        def ask(module, args, kwargs):
+            return args, {**kwargs, "output_routed_experts": True}
+
+        def keep(module, args, kwargs, output):
+            self.calls.append(output.routed_experts if hasattr(output, "routed_experts") else output[-1])
+
+        self._handles = [
+            self.moe_model.register_forward_pre_hook(ask, with_kwargs=True),
+            self.moe_model.register_forward_hook(keep, with_kwargs=True),
+        ]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def sequence_routing(self, length: int) -> torch.LongTensor:
+        """The recorded calls joined along the sequence and padded with -1 to `length` positions: (B, length, L, K)."""
+        if not self.calls:
+            raise ValueError("no forward ran while recording: nothing to return as routed_experts")
+        batch = self.calls[0].shape[0]
+        if any(c.shape[0] != batch for c in self.calls):  # beam search reorders and regroups rows between steps
+            raise ValueError(
+                "routed_experts: the batch changed between generation steps (beam search or candidate decoding); "
+                "allowed greedy or sampling decoding (num_beams=1, no assistant model)"
+            )
+        routing = torch.cat(self.calls, dim=1)  # (B, run positions, L, K)
+        if routing.shape[1] > length:
+            raise ValueError(
+                f"routed_experts: {routing.shape[1]} positions ran for sequences of {length}; allowed one forward "
+                "over the prompt, then one per new token (a KV cache)"
+            )
+        return F.pad(routing, (0, 0, 0, 0, 0, length - routing.shape[1]), value=-1)  # (B, length, L, K)
 
 
 def token_mask_from(attention_mask: torch.Tensor | None, seq: int, device: torch.device) -> torch.Tensor | None:
@@ -635,8 +738,15 @@ class QwenMoeGBModel(QwenMoeGBPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        routed_experts: torch.LongTensor | None = None,
+        output_routed_experts: bool | None = None,
         **kwargs,
     ) -> QwenMoeGBModelOutputWithPast:
+        r"""routed_experts (`(B, S, L, K)` integer, *optional*): routing replay. Per token and sparse layer, the K
+        experts to use instead of the router's top-k (a row of -1: route that token as usual); the gate weights are the
+        current router's scores at those experts (normalised when `norm_topk_prob`), so the router keeps its gradient,
+        and the balance statistics count these experts. output_routed_experts (`bool`): return the experts used,
+        in the same form (`routed_experts` of the output)."""
         cache = _pop_cache(cache, kwargs)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -650,6 +760,11 @@ class QwenMoeGBModel(QwenMoeGBPreTrainedModel):
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[None]
         batch, seq = inputs_embeds.shape[:2]
         token_mask = token_mask_from(attention_mask, seq, inputs_embeds.device)
+        moe_layers = self.config.moe_layer_indices()
+        if routed_experts is not None:
+            check_routed_experts(routed_experts, batch, seq, len(moe_layers), self.config)
+            routed_experts = routed_experts.to(device=inputs_embeds.device, dtype=torch.long)
+        replay = dict(zip(moe_layers, range(len(moe_layers)))) if routed_experts is not None else {}
         if not isinstance(mask_mapping := attention_mask, dict):
             mask_kwargs = {
                 "config": self.config,
@@ -671,19 +786,23 @@ class QwenMoeGBModel(QwenMoeGBPreTrainedModel):
                 position_ids=position_ids,
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
+                routed_experts=routed_experts[:, :, replay[i]] if i in replay else None,  # (B, S, K)
                 **{CACHE_ARG: cache},  # the name GradientCheckpointingLayer clears under checkpointing
                 **kwargs,
             )
             if routing is not None:
                 routings.append(routing)
-        router_stats = None
+        router_stats = used = None
         if routings:  # every MoE layer's statistics in one set of ops: (L, T, E), (L, T, E), (L, T, K) stacked
             logits, probs, index = (torch.stack(x) for x in zip(*routings))
             z_grad = self.config.router_z_loss_coef > 0  # z-loss off: its statistic is a metric, out of the graph
             router_stats = RouterStats(*router_statistics(logits, probs, index, token_mask, z_grad, batch))  # (L, B, ·)
+            if output_routed_experts:
+                used = index.reshape(len(routings), batch, seq, -1).permute(1, 2, 0, 3)  # (L, T, K) -> (B, S, L, K)
         return QwenMoeGBModelOutputWithPast(
             last_hidden_state=self.norm(hidden_states),
             router_stats=router_stats,
+            routed_experts=used,
             **{CACHE_ARG: cache if use_cache else None},
         )
 
@@ -716,6 +835,8 @@ class QwenMoeGBForCausalLM(QwenMoeGBPreTrainedModel, GenerationMixin):
         add_balance_loss: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_logits: bool | None = None,
+        routed_experts: torch.LongTensor | None = None,
+        output_routed_experts: bool | None = None,
         **kwargs,
     ) -> QwenMoeGBCausalLMOutputWithPast:
         r"""Causal LM forward. With `labels`, `loss` = CE (+ the micro-scope balance losses when `add_balance_loss`,
@@ -727,7 +848,10 @@ class QwenMoeGBForCausalLM(QwenMoeGBPreTrainedModel, GenerationMixin):
         Training with labels computes the CE chunk by chunk from the hidden states (`loss_implementation="chunked"`)
         when the tokens exceed one chunk (`loss_chunk_size`): no (T, V) logits exist and `logits` is None, unless
         `return_logits=True` (default: True outside training or without labels); a batch that fits in one chunk takes
-        the plain path (the same memory, fewer ops). `return_dict=False` returns the output as a tuple."""
+        the plain path (the same memory, fewer ops). `return_dict=False` returns the output as a tuple.
+
+        Routing replay (RL): `routed_experts` (B, S, L, K) replays recorded expert choices (see `QwenMoeGBModel`);
+        `output_routed_experts=True` returns the experts used as `routed_experts`, in that form."""
         cache = _pop_cache(cache, kwargs)
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
@@ -739,6 +863,8 @@ class QwenMoeGBForCausalLM(QwenMoeGBPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
+            routed_experts=routed_experts,
+            output_routed_experts=output_routed_experts,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -780,8 +906,35 @@ class QwenMoeGBForCausalLM(QwenMoeGBPreTrainedModel, GenerationMixin):
             router_logits=outputs.router_logits,
             router_stats=outputs.router_stats,
             balance_loss=balance,
+            routed_experts=outputs.routed_experts,
             **{CACHE_ARG: getattr(outputs, CACHE_ARG)},
         )
+
+
+    def generate(self, *args, output_routed_experts: bool = False, **kwargs):
+        """transformers' `generate`. With `output_routed_experts=True` (and `return_dict_in_generate=True`) the output
+        is a `QwenMoeGBGenerateOutput` whose `routed_experts` (B, S, L, K) are the experts every position of
+        `sequences` used while generating (prompt and new tokens; -1 for the last token, which no step ran), ready for
+        `forward(sequences, routed_experts=...)`. Greedy or sampling decoding with a KV cache."""
+        if not output_routed_experts:
+            return super().generate(*args, **kwargs)
+        config = kwargs.get("generation_config") or self.generation_config
+        if not kwargs.get("return_dict_in_generate", config.return_dict_in_generate):
+            raise ValueError(
+                "output_routed_experts=True needs return_dict_in_generate=True: the routing is a field of the output"
+            )
+        num_beams = kwargs.get("num_beams") or config.num_beams or 1
+        if num_beams > 1 or kwargs.get("assistant_model") is not None:
+            raise ValueError(
+                f"output_routed_experts=True with num_beams={num_beams} or an assistant model: allowed greedy or "
+                "sampling decoding (num_beams=1, no assistant model)"
+            )
+        if kwargs.get("use_cache", config.use_cache) is False:
+            raise ValueError("output_routed_experts=True needs use_cache=True (one forward per new token)")
+        with RoutingRecorder(self.model) as recorder:
+            out = super().generate(*args, **kwargs)
+        routed = recorder.sequence_routing(out.sequences.shape[1])  # (B, S, L, K)
+        return QwenMoeGBGenerateOutput(**out, routed_experts=routed)
 
 
 def hub_auto_map() -> dict[str, str]:
@@ -803,7 +956,10 @@ __all__ = [
     "chunked_linear_cross_entropy",
     "hub_auto_map",
     "QwenMoeGBForCausalLM",
+    "QwenMoeGBGenerateOutput",
     "QwenMoeGBModel",
+    "RoutingRecorder",
+    "check_routed_experts",
     "QwenMoeGBPreTrainedModel",
     "RouterStats",
     "balance_loss",
