@@ -910,7 +910,6 @@ class QwenMoeGBForCausalLM(QwenMoeGBPreTrainedModel, GenerationMixin):
             **{CACHE_ARG: getattr(outputs, CACHE_ARG)},
         )
 
-
     def generate(self, *args, output_routed_experts: bool = False, **kwargs):
         """transformers' `generate`. With `output_routed_experts=True` (and `return_dict_in_generate=True`) the output
         is a `QwenMoeGBGenerateOutput` whose `routed_experts` (B, S, L, K) are the experts every position of

@@ -218,13 +218,12 @@ class QwenMoeGBGRPOTrainer(GlobalBalanceMixin, GRPOTrainer):
     # ----------------------------------------------------------------------------------- generation and scoring
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        turn = (prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
         if not self.record_rollout:
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+            return super()._generate_single_turn(*turn)
         lm_head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
         with RolloutRecorder(self._moe, lm_head, self.temperature) as recorder:
-            completion_ids, logprobs = super()._generate_single_turn(
-                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
-            )
+            completion_ids, logprobs = super()._generate_single_turn(*turn)
         self._rollout = recorder.result(completion_ids)
         return completion_ids, logprobs
 

@@ -1,0 +1,213 @@
+"""Routing replay study: how often do generation and training route a token differently, what does it do to the
+importance ratios, and what does replay change? GRPO (TRL) on exact arithmetic, CPU.
+
+    python scripts/rl_replay_study.py --out runs/rl_replay --seeds 0,1,2 [--model DIR] [--cost]
+
+1. Base model: a `qwenmoe-gb pretrain` run (the demo preset on the embedded corpus, whose arithmetic domain holds
+   lines like `426 + 11 = 437`), `--base_steps` steps; or `--model DIR`. Task: the prompt `a + b =`, reward 1 when the
+   completion's first line is the sum.
+2. Mismatch (`mismatch.json`): precision `fp32`, `bf16` (weights bf16 in generation and training) and `bf16-router32`
+   (bf16 + `router_dtype="float32"`) × `routing_replay` none / rollout. GRPO with `num_iterations=5` on every
+   generated batch, so the passes over a batch come after 0, 1, 2, 3, 4 policy updates. Per pass, averaged over the
+   batches: the share of (scored token, MoE layer) pairs routed differently from the rollout
+   (`routing/mismatch_rollout`), of scored tokens, |log π_train − log π_rollout| mean and max, the std of the
+   ratio π_train / π_rollout, and TRL's clip fraction.
+3. Runs (`runs.json`, `rl_replay_reward.png`): routing_replay none vs rollout, bf16, `num_iterations=2`, one run per
+   seed: reward curve, clip fraction, global LBL and MaxVio, mismatch.
+4. Cost (`--cost`, `cost.json`): seconds per optimizer step (generation included) and peak RSS of a run with replay
+   against one without, alternating fresh processes, `--cost_rounds` rounds, fp32, no routing metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import AutoTokenizer, set_seed
+from trl import GRPOConfig
+
+from modeling_qwenmoe_gb import QwenMoeGBForCausalLM
+from modeling_qwenmoe_gb.pretraining import pretrain
+from modeling_qwenmoe_gb.rl import QwenMoeGBGRPOTrainer
+
+PRECISIONS = {"fp32": (torch.float32, "auto"), "bf16": (torch.bfloat16, "auto"), "bf16-router32": (torch.bfloat16, "float32")}  # fmt: skip
+PASS_METRICS = ("routing/mismatch_rollout", "rollout/abs_log_ratio_mean", "rollout/abs_log_ratio_max",
+                "rollout/ratio_std", "clip_ratio/region_mean")  # fmt: skip
+
+
+def addition_prompts(num: int, seed: int) -> Dataset:
+    rng = random.Random(seed)
+    return Dataset.from_list([{"prompt": f"{rng.randint(0, 999)} + {rng.randint(0, 99)} ="} for _ in range(num)])
+
+
+def exact_sum(completions: list[str], prompts: list[str], **kwargs) -> list[float]:
+    """1.0 when the completion's first line is the sum of the prompt's `a + b =`, else 0.0."""
+    rewards = []
+    for prompt, completion in zip(prompts, completions):
+        a, b = prompt.rstrip("= ").split(" + ")
+        rewards.append(float(completion.strip().split("\n")[0].strip() == str(int(a) + int(b))))
+    return rewards
+
+
+def base_model(args) -> Path:
+    if args.model:
+        return Path(args.model)
+    out = Path(args.out) / "base"
+    if not (out / "config.json").is_file():
+        pretrain(["--output_dir", str(out), "--max_steps", str(args.base_steps), "--seed", "0", "--report_to", "none",
+                  "--disable_tqdm", "true"])  # fmt: skip
+    return out
+
+
+def grpo(model_dir: Path, out: Path, replay: str, precision: str, seed: int, steps: int, iterations: int,
+         args, metrics: bool = True) -> QwenMoeGBGRPOTrainer:  # fmt: skip
+    dtype, router_dtype = PRECISIONS[precision]
+    set_seed(seed)
+    model = QwenMoeGBForCausalLM.from_pretrained(model_dir, dtype=dtype, router_dtype=router_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    config = GRPOConfig(str(out), per_device_train_batch_size=args.batch, num_generations=args.generations,
+                        max_completion_length=args.completion_length, max_steps=steps, num_iterations=iterations,
+                        learning_rate=args.lr, warmup_steps=0, beta=0.0, temperature=1.0, logging_steps=1,
+                        report_to=[], use_cpu=True, bf16=False, save_strategy="no", disable_tqdm=True, seed=seed,
+                        data_seed=seed)  # fmt: skip
+    trainer = QwenMoeGBGRPOTrainer(model=model, reward_funcs=exact_sum, args=config, processing_class=tokenizer,
+                                   train_dataset=addition_prompts(4096, seed), routing_replay=replay,
+                                   routing_metrics=metrics)  # fmt: skip
+    trainer.train()
+    return trainer
+
+
+def step_logs(trainer) -> list[dict]:
+    return [h for h in trainer.state.log_history if "loss" in h and "step" in h]
+
+
+def mismatch(model_dir: Path, args) -> dict:
+    """Per precision × replay mode: the pass metrics by number of updates already made on the batch (0..μ-1)."""
+    iterations, table = 5, {}
+    for precision in PRECISIONS:
+        for replay in ("none", "rollout"):
+            out = Path(args.out) / "mismatch" / f"{precision}-{replay}"
+            trainer = grpo(model_dir, out, replay, precision, 0, args.mismatch_batches * iterations, iterations, args)
+            by_pass = {k: {m: [] for m in PASS_METRICS} for k in range(iterations)}
+            for h in step_logs(trainer):
+                for m in PASS_METRICS:
+                    by_pass[(h["step"] - 1) % iterations][m].append(h.get(m, float("nan")))
+            table[f"{precision}/{replay}"] = {k: {m: statistics.fmean(v) for m, v in d.items()} for k, d in by_pass.items()}
+            print(precision, replay, json.dumps(table[f"{precision}/{replay}"]), flush=True)
+    return table
+
+
+def runs(model_dir: Path, args) -> dict:
+    results = {}
+    for seed in args.seeds:
+        for replay in ("none", "rollout"):
+            out = Path(args.out) / "runs" / f"{replay}-seed{seed}"
+            trainer = grpo(model_dir, out, replay, "bf16", seed, args.steps, 2, args)
+            keys = ("reward", "clip_ratio/region_mean", "balance/global_lbl", "balance/maxvio_global",
+                    "routing/mismatch_rollout", "rollout/abs_log_ratio_mean")  # fmt: skip
+            results[f"{replay}/seed{seed}"] = [{"step": h["step"], **{k: h.get(k) for k in keys}} for h in step_logs(trainer)]
+            print(replay, seed, "mean reward", _mean_of(results[f"{replay}/seed{seed}"], "reward"), flush=True)
+    return results
+
+
+def _mean_of(rows: list[dict], key: str, last: int | None = None) -> float:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.fmean(values[-last:] if last else values)
+
+
+def cost_arm(model_dir: str, replay: str, args) -> None:
+    """One timed run in this process (called by `cost` in a fresh process): prints s/step and peak RSS."""
+    grpo(Path(model_dir), Path(args.out) / "cost" / replay, replay, "fp32", 0, 2, 1, args, metrics=False)  # warm-up
+    start = time.perf_counter()
+    grpo(Path(model_dir), Path(args.out) / "cost" / replay, replay, "fp32", 0, args.cost_steps, 1, args, metrics=False)
+    seconds = (time.perf_counter() - start) / args.cost_steps
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB on Linux
+    print(json.dumps({"seconds_per_step": seconds, "peak_rss_mib": rss}))
+
+
+def cost(model_dir: Path, args) -> dict:
+    rows = {"none": [], "rollout": []}
+    for _ in range(args.cost_rounds):
+        for replay in ("none", "rollout"):
+            cmd = [sys.executable, __file__, "--cost_arm", replay, "--model", str(model_dir), "--out", args.out,
+                   "--batch", str(args.batch), "--generations", str(args.generations),
+                   "--completion_length", str(args.completion_length), "--cost_steps", str(args.cost_steps)]  # fmt: skip
+            line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            rows[replay].append(json.loads(line))
+            print(replay, rows[replay][-1], flush=True)
+    med = {r: {k: statistics.median(x[k] for x in v) for k in v[0]} for r, v in rows.items()}
+    return {"rounds": rows, "median": med,
+            "time_ratio": med["rollout"]["seconds_per_step"] / med["none"]["seconds_per_step"]}  # fmt: skip
+
+
+def plot(results: dict, seeds: list[int], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    for replay, color in (("none", "tab:gray"), ("rollout", "tab:blue")):
+        for seed in seeds:
+            rows = results[f"{replay}/seed{seed}"]
+            steps = [r["step"] for r in rows]
+            for ax, key in zip(axes, ("reward", "clip_ratio/region_mean", "routing/mismatch_rollout")):
+                ax.plot(steps, _smooth([r[key] for r in rows]), color=color, alpha=0.8,
+                        label=replay if seed == seeds[0] else None)  # fmt: skip
+    for ax, title in zip(axes, ("reward (exact sum), smoothed", "ratio clip fraction", "routing mismatch vs rollout")):
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "rl_replay_runs.png", dpi=110)
+
+
+def _smooth(values: list, window: int = 8) -> list[float]:
+    values = [float("nan") if v is None else v for v in values]
+    return [statistics.fmean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="runs/rl_replay")
+    parser.add_argument("--model", default=None, help="a QwenMoE-GB folder with a tokenizer (default: pretrain one)")
+    parser.add_argument("--base_steps", type=int, default=600)
+    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=80, help="optimizer steps of each run (part 3)")
+    parser.add_argument("--mismatch_batches", type=int, default=4, help="generated batches per mismatch arm")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--generations", type=int, default=8)
+    parser.add_argument("--completion_length", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--cost", action="store_true")
+    parser.add_argument("--cost_rounds", type=int, default=3)
+    parser.add_argument("--cost_steps", type=int, default=10)
+    parser.add_argument("--cost_arm", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--parts", default="mismatch,runs", help="which of mismatch,runs to run")
+    args = parser.parse_args()
+    if args.cost_arm:
+        return cost_arm(args.model, args.cost_arm, args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = base_model(args)
+    if "mismatch" in args.parts:
+        (out / "mismatch.json").write_text(json.dumps(mismatch(model_dir, args), indent=1))
+    if "runs" in args.parts:
+        results = runs(model_dir, args)
+        (out / "runs.json").write_text(json.dumps(results, indent=1))
+        plot(results, args.seeds, out)
+    if args.cost:
+        (out / "cost.json").write_text(json.dumps(cost(model_dir, args), indent=1))
+
+
+if __name__ == "__main__":
+    main()
