@@ -35,7 +35,8 @@ setup(
     ],
     extras_require={
         "sft": ["trl>=1.0", "peft>=0.17"],
-        "dev": ["pytest>=8", "ruff>=0.6", "tensorboard>=2.15", "trl>=1.0", "peft>=0.17"],
+        "rl": ["trl>=1.16"],
+        "dev": ["pytest>=8", "ruff>=0.6", "tensorboard>=2.15", "trl>=1.16", "peft>=0.17"],
     },
     entry_points={"console_scripts": ["qwenmoe-gb=modeling_qwenmoe_gb.cli:main"]},
 )

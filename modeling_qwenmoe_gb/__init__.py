@@ -9,9 +9,11 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .configuration_qwenmoe_gb import QwenMoeGBConfig
 from .modeling_qwenmoe_gb import (
     QwenMoeGBForCausalLM,
+    QwenMoeGBGenerateOutput,
     QwenMoeGBModel,
     QwenMoeGBPreTrainedModel,
     RouterStats,
+    RoutingRecorder,
     balance_loss,
     device_balance_loss,
     group_sequences,
@@ -34,9 +36,11 @@ __all__ = [
     "PRESETS",
     "QwenMoeGBConfig",
     "QwenMoeGBForCausalLM",
+    "QwenMoeGBGenerateOutput",
     "QwenMoeGBModel",
     "QwenMoeGBPreTrainedModel",
     "RouterStats",
+    "RoutingRecorder",
     "balance_loss",
     "device_balance_loss",
     "group_sequences",

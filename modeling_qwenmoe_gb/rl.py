@@ -17,35 +17,69 @@ Features
   reference model's pass (`beta > 0`) routes as usual. Works with GRPO's token-level and GSPO's sequence-level ratios
   (`importance_sampling_level`).
 - Routing metrics (`routing_metrics=True`, on by default with replay; the rollout's where TRL generates with
-  transformers): `routing/mismatch_rollout` (share of
-  (completion token, MoE layer) pairs whose set of experts in the current pass differs from the rollout's),
-  `routing/mismatch_old` (from the old-policy pass's, with `"old_policy"`), and the spread of the current pass's
+  transformers): `routing/mismatch_rollout` (share of (completion token, MoE layer) pairs whose set of experts in the
+  current pass differs from the rollout's; `_tokens`: share of tokens with any such layer), `routing/mismatch_old`
+  (against the old-policy pass's, with `"old_policy"`), and the spread of the current pass's
   log-probs against the rollout's (`rollout/abs_log_ratio_mean`, `rollout/abs_log_ratio_max`, `rollout/ratio_std`)
   and against the old policy's (`ratio/abs_log_ratio_mean`, `ratio/abs_log_ratio_max`, `ratio/std`). The positions
   counted are those whose logits score a completion token.
+- The example task of `scripts/grpo_example.py` and `scripts/rl_replay_study.py`: `addition_prompts`, `sum_reward`.
 
-vLLM generation inside TRL (`use_vllm=True`) cannot replay yet: vLLM can return the routed experts of a request
-(`enable_return_routed_experts`, `CompletionOutput.routed_experts` (seq_len, L, K)), but TRL's vLLM client drops them;
+vLLM generation inside TRL (`use_vllm=True`) cannot replay yet: vLLM 0.32 can return the routed experts of a request
+(`enable_return_routed_experts`, `CompletionOutput.routed_experts` (seq_len, L, K)) only with its Model Runner V2,
+which needs Triton (a GPU; on CPU: "Model Runner V2 requires Triton"), and TRL's vLLM client drops them;
 `routing_replay="rollout"` refuses `use_vllm`, continuous batching, `rollout_func` and tools with that reason.
 
-Needs `pip install trl` (the `sft` extra).
+Needs TRL >= 1.16 (`pip install -e ".[rl]"`): the trainer hooks into its GRPO generation and log-prob passes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import random
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+import trl
+from datasets import Dataset
+from packaging.version import Version
 from trl import GRPOTrainer
 
 from .balance import find_moe_model
 from .modeling_qwenmoe_gb import RouterStats, RoutingRecorder
 from .trainer import GlobalBalanceMixin
 
+if Version(trl.__version__) < Version("1.16"):
+    raise ImportError(f"modeling_qwenmoe_gb.rl needs trl>=1.16 (its GRPO internals); installed: {trl.__version__}")
+
 ROUTING_REPLAY_MODES = ("none", "rollout", "old_policy")
 ROLLOUT_KEY, OLD_KEY, ROLLOUT_LOGPS_KEY = "rollout_routed_experts", "old_routed_experts", "rollout_per_token_logps"
+
+
+# --------------------------------------------------------------------------------------------- the example task
+
+
+def addition_prompts(num: int, seed: int = 0) -> Dataset:
+    """`num` prompts `a + b =` (a < 1000, b < 100), the arithmetic lines of the embedded corpus without the answer."""
+    rng = random.Random(seed)
+    return Dataset.from_list([{"prompt": f"{rng.randint(0, 999)} + {rng.randint(0, 99)} ="} for _ in range(num)])
+
+
+def sum_reward(completions: list[str], prompts: list[str], **kwargs) -> list[float]:
+    """TRL reward for `addition_prompts`, on the completion's first line: 1.0 when it is the sum, else 0.5 · max(0,
+    1 − |x − sum| / max(sum, 10)) when it is an integer x (a dense signal for a small model), else 0.0."""
+    rewards = []
+    for prompt, completion in zip(prompts, completions):
+        a, b = prompt.rstrip("= ").split(" + ")
+        answer, line = int(a) + int(b), completion.strip().split("\n")[0].strip()
+        if line == str(answer):
+            rewards.append(1.0)
+        elif line.lstrip("-").isdigit():
+            rewards.append(0.5 * max(0.0, 1 - abs(int(line) - answer) / max(answer, 10)))
+        else:
+            rewards.append(0.0)
+    return rewards
 
 
 # --------------------------------------------------------------------------------------------- pure functions
@@ -74,12 +108,14 @@ def scored_positions(attention_mask: torch.Tensor, completion_len: int) -> torch
     return positions
 
 
-def routing_mismatch(used: torch.Tensor, reference: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(pairs that differ, pairs compared) over the (position, MoE layer) pairs at `positions` (B, S) where the
-    reference routed (not -1): a pair differs when its set of K experts differs. used, reference (B, S, L, K)."""
+def routing_mismatch(used: torch.Tensor, reference: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[pairs that differ, pairs compared, tokens that differ, tokens compared] (float64) over the (position, MoE
+    layer) pairs at `positions` (B, S) where the reference routed (not -1): a pair differs when its set of K experts
+    differs, a token when any of its layers does. used, reference (B, S, L, K)."""
     compared = positions[..., None] & (reference[..., 0] >= 0)  # (B, S, L)
     differ = (used.sort(-1).values != reference.sort(-1).values).any(-1) & compared  # (B, S, L)
-    return differ.sum().double(), compared.sum().double()
+    counts = [differ.sum(), compared.sum(), differ.any(-1).sum(), compared.any(-1).sum()]
+    return torch.stack(counts).double()
 
 
 def log_ratio_spread(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -317,8 +353,9 @@ class QwenMoeGBGRPOTrainer(GlobalBalanceMixin, GRPOTrainer):
         for name, key in (("routing/mismatch_rollout", "rollout"), ("routing/mismatch_old", "old")):
             reference = self._pending.get(key)
             if reference is not None:
-                differ, compared = self.accelerator.reduce(torch.stack(routing_mismatch(used, reference, positions)))
-                self._metrics[mode][name].append(float(differ / compared.clamp_min(1)))
+                counts = self.accelerator.reduce(routing_mismatch(used, reference, positions), reduction="sum")
+                self._metrics[mode][name].append(float(counts[0] / counts[1].clamp_min(1)))
+                self._metrics[mode][f"{name}_tokens"].append(float(counts[2] / counts[3].clamp_min(1)))
         for prefix, std_name, key in (("rollout/", "ratio_std", "rollout_logps"), ("ratio/", "std", "old_logps")):
             reference = self._pending.get(key)
             if reference is None:
@@ -337,6 +374,8 @@ class QwenMoeGBGRPOTrainer(GlobalBalanceMixin, GRPOTrainer):
 
 __all__ = [
     "QwenMoeGBGRPOTrainer",
+    "addition_prompts",
+    "sum_reward",
     "ROUTING_REPLAY_MODES",
     "RolloutRecorder",
     "align_routing",

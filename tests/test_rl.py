@@ -3,6 +3,11 @@ with a KV cache; with replay the training passes use the recorded experts for ev
 rollout's log-probs to fp32 rounding; without replay the routing drifts after an update; the balancer counts the
 replayed experts; GRPO's token-level and GSPO's sequence-level ratios both run."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -13,6 +18,7 @@ from transformers import TrainerCallback  # noqa: E402
 from trl import GRPOConfig  # noqa: E402
 
 from modeling_qwenmoe_gb import QwenMoeGBForCausalLM  # noqa: E402
+from modeling_qwenmoe_gb.data import ByteTokenizer  # noqa: E402
 from modeling_qwenmoe_gb.rl import (  # noqa: E402
     OLD_KEY,
     ROLLOUT_KEY,
@@ -86,8 +92,11 @@ def test_align_routing_and_scored_positions():
     assert scored_positions(mask, 3).int().tolist() == [[0, 0, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0]]
     used = torch.tensor([[[[0, 1]], [[2, 3]], [[4, 5]]]])  # (1, 3, 1, 2)
     reference = torch.tensor([[[[1, 0]], [[2, 4]], [[-1, -1]]]])
-    differ, compared = routing_mismatch(used, reference, torch.ones(1, 3, dtype=torch.bool))
-    assert (differ.item(), compared.item()) == (1.0, 2.0)  # order inside a set does not count; -1 is not compared
+    counts = routing_mismatch(used, reference, torch.ones(1, 3, dtype=torch.bool))
+    assert counts.tolist() == [1.0, 2.0, 1.0, 2.0]  # order inside a set does not count; -1 is not compared
+    used2 = torch.tensor([[[[0, 1], [0, 1]], [[2, 3], [5, 6]]]])  # (1, 2, 2, 2): token 1 differs in layer 1 only
+    reference2 = torch.tensor([[[[1, 0], [1, 0]], [[2, 3], [5, 7]]]])
+    assert routing_mismatch(used2, reference2, torch.ones(1, 2, dtype=torch.bool)).tolist() == [1.0, 4.0, 1.0, 2.0]
 
 
 def test_recorded_rollout_equals_a_manual_decoding_loop(tmp_path):
@@ -184,3 +193,22 @@ def test_refusals(tmp_path):
     with pytest.raises(ValueError, match="not possible with rollout_func"):
         QwenMoeGBGRPOTrainer(**common, routing_replay="rollout", rollout_func=rollout_func)
     QwenMoeGBGRPOTrainer(**common, routing_replay="old_policy", rollout_func=rollout_func)  # R2 needs no rollout record
+
+
+def test_grpo_example_script(tmp_path):
+    """`scripts/grpo_example.py` end to end on a tiny model with the byte tokenizer: GSPO's sequence-level ratio,
+    old-policy replay, bf16 weights with the fp32 router linear; the saved model keeps `router_dtype`."""
+    model_dir = tmp_path / "base"
+    QwenMoeGBForCausalLM(tiny_config(vocab_size=260, pad_token_id=256)).save_pretrained(model_dir)
+    ByteTokenizer().to_hf().save_pretrained(model_dir)
+    script = Path(__file__).resolve().parent.parent / "scripts" / "grpo_example.py"
+    env = {**os.environ, "PYTHONPATH": str(script.parent.parent)}
+    cmd = [sys.executable, str(script), "--model", str(model_dir), "--output_dir", str(tmp_path / "grpo"),
+           "--routing_replay", "old_policy", "--importance_sampling_level", "sequence", "--dtype", "bfloat16",
+           "--router_dtype", "float32", "--max_steps", "2", "--per_device_train_batch_size", "4",
+           "--num_generations", "4", "--logging_steps", "1", "--use_cpu", "true", "--disable_tqdm", "true"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "reward: first log" in done.stdout
+    saved = QwenMoeGBForCausalLM.from_pretrained(tmp_path / "grpo")
+    assert saved.config.router_dtype == "float32"
