@@ -99,6 +99,12 @@ def align_routing(routing: torch.Tensor, prompt_width: int, prompt_len: int, com
     return torch.cat([prompt, completion], dim=1)  # (B, P + C, L, K)
 
 
+def compact_routing(routing: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The routing in the narrowest signed dtype that holds every expert index and -1 (int16 up to 32767 experts):
+    what the trainer keeps between generation and the updates (a quarter of int64). Replay accepts any integer dtype."""
+    return routing.to(torch.int16 if num_experts <= torch.iinfo(torch.int16).max else torch.int32)
+
+
 def scored_positions(attention_mask: torch.Tensor, completion_len: int) -> torch.Tensor:
     """(B, S) bool: the positions whose logits score a completion token (position t predicts token t + 1), from the
     training batch's attention mask (B, S) = cat(prompt mask, completion mask)."""
@@ -276,11 +282,13 @@ class QwenMoeGBGRPOTrainer(GlobalBalanceMixin, GRPOTrainer):
         if self._rollout is not None:
             routing, width, log_probs = self._rollout
             device = output["prompt_ids"].device
-            output[ROLLOUT_KEY] = align_routing(routing, width, prompt_len, completion_len).to(device)
+            aligned = align_routing(routing, width, prompt_len, completion_len)
+            output[ROLLOUT_KEY] = compact_routing(aligned, self._moe.config.num_experts).to(device)
             log_probs = F.pad(log_probs, (0, max(0, completion_len - log_probs.shape[1])))[:, :completion_len]
             output[ROLLOUT_LOGPS_KEY] = log_probs.to(device)
         if self._old_routing:
-            output[OLD_KEY] = torch.cat(self._old_routing)  # (B, P + C, L, K)
+            old = torch.cat(self._old_routing)  # (B, P + C, L, K)
+            output[OLD_KEY] = compact_routing(old, self._moe.config.num_experts)
         self._rollout, self._old_routing = None, []
         return output
 
@@ -379,6 +387,7 @@ __all__ = [
     "ROUTING_REPLAY_MODES",
     "RolloutRecorder",
     "align_routing",
+    "compact_routing",
     "log_ratio_spread",
     "routing_mismatch",
     "scored_positions",

@@ -39,7 +39,14 @@ from trl import GRPOConfig, SFTConfig
 
 from modeling_qwenmoe_gb import QwenMoeGBForCausalLM
 from modeling_qwenmoe_gb.pretraining import pretrain
-from modeling_qwenmoe_gb.rl import QwenMoeGBGRPOTrainer, addition_prompts, sum_reward
+from modeling_qwenmoe_gb.rl import (
+    OLD_KEY,
+    ROLLOUT_KEY,
+    ROLLOUT_LOGPS_KEY,
+    QwenMoeGBGRPOTrainer,
+    addition_prompts,
+    sum_reward,
+)
 from modeling_qwenmoe_gb.sft import QwenMoeGBSFTTrainer
 
 PRECISIONS = {  # weights' dtype, router_dtype, bf16 autocast in the training passes (TRL's `bf16=True`)
@@ -49,6 +56,7 @@ PRECISIONS = {  # weights' dtype, router_dtype, bf16 autocast in the training pa
     "autocast": (torch.float32, "auto", True),
     "autocast-router32": (torch.float32, "float32", True),
 }
+REPLAY_KEYS = (ROLLOUT_KEY, ROLLOUT_LOGPS_KEY, OLD_KEY)  # what the trainer keeps per generated batch for replay
 PASS_METRICS = (
     "routing/mismatch_rollout",
     "routing/mismatch_rollout_tokens",
@@ -157,10 +165,12 @@ def cost_arm(model_dir: str, replay: str, args) -> None:
     """One timed run in this process (called by `cost` in a fresh process): prints s/step and peak RSS."""
     grpo(Path(model_dir), Path(args.out) / "cost" / replay, replay, "fp32", 0, 2, 1, args, metrics=False)  # warm-up
     start = time.perf_counter()
-    grpo(Path(model_dir), Path(args.out) / "cost" / replay, replay, "fp32", 0, args.cost_steps, 1, args, metrics=False)
+    trainer = grpo(Path(model_dir), Path(args.out) / "cost" / replay, replay, "fp32", 0, args.cost_steps, 1, args,
+                   metrics=False)  # fmt: skip
     seconds = (time.perf_counter() - start) / args.cost_steps
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB on Linux
-    print(json.dumps({"seconds_per_step": seconds, "peak_rss_mib": rss}))
+    kept = sum(v.nbytes for batch in trainer._buffered_inputs for k, v in batch.items() if k in REPLAY_KEYS)
+    print(json.dumps({"seconds_per_step": seconds, "peak_rss_mib": rss, "replay_bytes_per_step": kept}))
 
 
 def cost(model_dir: Path, args) -> dict:
@@ -231,9 +241,12 @@ def report(out: Path, seeds: list[int]) -> str:
     if (out / "cost.json").is_file():
         cost_ = json.loads((out / "cost.json").read_text())
         med = cost_["median"]
-        lines += ["| replay | s / step (median of rounds) | peak RSS MiB |", "|---|---|---|"]
+        lines += ["| replay | s / step (median of rounds) | peak RSS MiB | replay tensors kept, bytes / step |",
+                  "|---|---|---|---|"]  # fmt: skip
         for replay in ("none", "rollout"):
-            lines.append(f"| {replay} | {med[replay]['seconds_per_step']:.4f} | {med[replay]['peak_rss_mib']:.0f} |")
+            m = med[replay]
+            kept = m.get("replay_bytes_per_step", float("nan"))
+            lines.append(f"| {replay} | {m['seconds_per_step']:.4f} | {m['peak_rss_mib']:.0f} | {kept:.0f} |")
         lines.append(f"\nrollout / none time: {cost_['time_ratio']:.3f}")
     text = "\n".join(lines)
     (out / "report.md").write_text(text)
@@ -250,20 +263,19 @@ def plot(results: dict, seeds: list[int], out: Path) -> None:
     for replay, color in (("none", "tab:gray"), ("rollout", "tab:blue")):
         for seed in seeds:
             rows = results[f"{replay}/seed{seed}"]
-            steps = [r["step"] for r in rows]
             for ax, key in zip(axes, ("reward", "clip_ratio/region_mean", "routing/mismatch_rollout")):
-                ax.plot(steps, _smooth([r[key] for r in rows]), color=color, alpha=0.8,
+                logged = [r for r in rows if r.get(key) is not None]  # the reward: at generation steps only
+                ax.plot([r["step"] for r in logged], _smooth([r[key] for r in logged]), color=color, alpha=0.8,
                         label=replay if seed == seeds[0] else None)  # fmt: skip
-    for ax, title in zip(axes, ("reward (sum_reward), smoothed", "ratio clip fraction", "routing mismatch vs rollout")):
-        ax.set_title(title)
+    for ax, title in zip(axes, ("reward (sum_reward)", "ratio clip fraction", "routing mismatch vs rollout (pairs)")):
+        ax.set_title(f"{title}, mean of 8 logs")
         ax.set_xlabel("optimizer step")
         ax.legend()
     fig.tight_layout()
     fig.savefig(out / "rl_replay_runs.png", dpi=110)
 
 
-def _smooth(values: list, window: int = 8) -> list[float]:
-    values = [float("nan") if v is None else v for v in values]
+def _smooth(values: list[float], window: int = 8) -> list[float]:
     return [statistics.fmean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
 
 

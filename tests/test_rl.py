@@ -110,6 +110,8 @@ def test_recorded_rollout_equals_a_manual_decoding_loop(tmp_path):
     completion, completion_mask = batch["completion_ids"], batch["completion_mask"]
     routing, logps = manual_decode(model, prompt, prompt_mask, completion)
     recorded = batch[ROLLOUT_KEY]  # (B, P + C, L, K)
+    assert recorded.dtype == torch.int16  # kept compact between generation and the updates
+    recorded = recorded.long()
     mask = torch.cat([prompt_mask, completion_mask], 1)
     scored = scored_positions(mask, completion.shape[1])
     check = scored | torch.cat([prompt_mask.bool(), torch.zeros_like(completion_mask, dtype=torch.bool)], 1)
@@ -166,7 +168,7 @@ def test_balance_counts_the_replayed_experts(tmp_path):
     assert len(counts.counts) == 2
     for inputs, step_counts in zip(trainer.seen, counts.counts):
         real = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1).bool()
-        replayed = inputs[ROLLOUT_KEY]
+        replayed = inputs[ROLLOUT_KEY].long()
         free = real & (replayed[..., 0, 0] < 0)  # never run by generation: the last token of a full-length completion
         assert not free[:, :-1].any()
         real = real & ~free
@@ -212,3 +214,17 @@ def test_grpo_example_script(tmp_path):
     assert "reward: first log" in done.stdout
     saved = QwenMoeGBForCausalLM.from_pretrained(tmp_path / "grpo")
     assert saved.config.router_dtype == "float32"
+
+
+def test_rollout_replay_with_a_lora_adapter(tmp_path):
+    """A PEFT LoRA model (attention + fused experts, router trainable): generation through PEFT records, the passes
+    replay, the router and adapters train."""
+    from peft import get_peft_model
+
+    from modeling_qwenmoe_gb.sft import lora_config
+
+    base = QwenMoeGBForCausalLM(tiny_config(vocab_size=64, pad_token_id=0, eos_token_id=1))
+    model = get_peft_model(base, lora_config(rank=4, train_router=True))
+    _, logs = run_grpo(tmp_path, "rollout", model=model)
+    assert all(h["routing/mismatch_rollout"] == 0.0 for h in logs)
+    assert logs[0]["rollout/abs_log_ratio_max"] < 1e-5 and logs[1]["rollout/abs_log_ratio_max"] > 1e-3
