@@ -246,9 +246,9 @@ class QwenMoeGBGRPOTrainer(GlobalBalanceMixin, GRPOTrainer):
         if routing_replay == "rollout" and named:
             raise ValueError(
                 f"routing_replay='rollout' records the rollout's routing during TRL's transformers generation; not "
-                f"possible with {', '.join(named)}: TRL's vLLM client drops vLLM's routed experts (vLLM's "
-                "`enable_return_routed_experts`), and the other paths generate without our model's forward. Allowed "
-                "there: routing_replay='old_policy' or 'none'"
+                f"possible with {', '.join(named)}: vLLM returns routed experts (`enable_return_routed_experts`) only "
+                "with its Model Runner V2, which needs Triton, and TRL's vLLM client drops them; the other paths "
+                "generate without our model's forward. Allowed there: routing_replay='old_policy' or 'none'"
             )
         self.record_rollout = routing_replay == "rollout" or (self.routing_metrics and not named)
         self._moe = find_moe_model(self.model)
@@ -270,8 +270,9 @@ class QwenMoeGBGRPOTrainer(GlobalBalanceMixin, GRPOTrainer):
         return completion_ids, logprobs
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        generate_every = self.args.steps_per_generation * self.num_iterations
+        generate_every = self.args.steps_per_generation * self.num_iterations  # TRL's rule for an old-policy pass
         old_pass = self.args.gradient_accumulation_steps % generate_every != 0
+        old_pass = old_pass or (self.use_vllm and self.vllm_importance_sampling_correction)
         self._passes = ["old"] * old_pass + ["ref"] * (self.beta != 0.0)
         self._rollout, self._old_routing = None, []
         try:
