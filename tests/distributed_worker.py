@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from modeling_qwenmoe_gb import QwenMoeGBForCausalLM  # noqa: E402
 from modeling_qwenmoe_gb.balance import GlobalBalancer  # noqa: E402
+from tests.conftest import tiny_config  # noqa: E402
 from tests.dist_common import batch_for, make_config, trainer_run  # noqa: E402
 
 
@@ -155,6 +156,23 @@ def raising_rank(rank: int) -> None:
     balancer(model(input_ids=ids, labels=ids, add_balance_loss=False).router_stats)
 
 
+def grpo_replay(out: Path, rank: int) -> None:
+    """TRL GRPO with rollout replay and global balance on 2 ranks, 2 steps: each rank saves the micro-batches its
+    loss saw (masks, replayed routing), the balancer's step counts before each optimizer step, the aux-free biases
+    and its logs."""
+    from modeling_qwenmoe_gb.rl import ROLLOUT_KEY
+    from tests.test_rl import StepCounts, run_grpo
+
+    counts = StepCounts()
+    torch.manual_seed(0)
+    model = QwenMoeGBForCausalLM(tiny_config(vocab_size=64, pad_token_id=0, eos_token_id=1, aux_free=True))
+    trainer, logs = run_grpo(out / "grpo", "rollout", steps=2, callbacks=[counts], model=model)
+    keys = ("prompt_mask", "completion_mask", ROLLOUT_KEY)
+    seen = [{k: batch[k].cpu() for k in keys} for batch in trainer.seen]
+    biases = [router.expert_bias.clone() for router in model.model.moe_routers()]
+    torch.save({"seen": seen, "counts": counts.counts, "biases": biases, "logs": logs}, out / f"grpo_rank{rank}.pt")
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     rank = int(os.environ["RANK"])
@@ -162,6 +180,10 @@ def main() -> None:
     dist.init_process_group("gloo")
     if sys.argv[2:] == ["raise"]:
         raising_rank(rank)
+        return
+    if sys.argv[2:] == ["grpo"]:
+        grpo_replay(out, rank)
+        dist.destroy_process_group()
         return
     for scope in ("global", "micro"):
         ddp_global_vs_concat(out, rank, scope)

@@ -258,3 +258,35 @@ def test_native_parallel_forward_equals_one_process(workdir, tied, layout):
         got = torch.load(workdir / f"parallel_rank{rank}.pt")[f"{tied}_{layout}"]
         torch.testing.assert_close(got["logits"], reference["logits"], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got["loss"], reference["loss"], rtol=1e-5, atol=1e-5)
+
+
+def test_grpo_replay_on_two_ranks_counts_the_replayed_experts_of_both(tmp_path):
+    """TRL GRPO with rollout replay under DDP (2 processes): every rank's balancer holds, before each optimizer step,
+    the counts of both ranks' micro-batches: the sum over ranks of `torch.bincount` of the replayed experts at real
+    tokens (plus the top-k of the last positions generation never ran), identical on both ranks; the aux-free biases
+    stay identical; no token is routed off its recorded experts."""
+    pytest.importorskip("trl")
+    from modeling_qwenmoe_gb.rl import ROLLOUT_KEY
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    result = torchrun(tmp_path, env, "grpo")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    ranks = [torch.load(tmp_path / f"grpo_rank{r}.pt", weights_only=False) for r in range(2)]
+    assert len(ranks[0]["counts"]) == len(ranks[1]["counts"]) == 2
+    for step in range(2):
+        expected, free_positions, local = 0, 0, []
+        for rank in ranks:
+            batch = rank["seen"][step]
+            real = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1).bool()
+            replayed = batch[ROLLOUT_KEY].long()
+            free = real & (replayed[..., 0, 0] < 0)
+            layers = [torch.bincount(replayed[:, :, i][real & ~free].flatten(), minlength=8) for i in range(2)]
+            local.append(torch.stack(layers))
+            expected, free_positions = expected + local[-1], free_positions + int(free.sum())
+        assert torch.equal(ranks[0]["counts"][step], ranks[1]["counts"][step])  # all-reduced: the same everywhere
+        extra = ranks[0]["counts"][step] - expected
+        assert (extra >= 0).all() and (extra.sum(-1) == 2 * free_positions).all()
+        assert not torch.equal(local[0], local[1])  # the ranks saw different data: the sum is really global
+    for a, b in zip(ranks[0]["biases"], ranks[1]["biases"]):
+        assert torch.equal(a, b) and a.abs().sum() > 0
+    assert all(h["routing/mismatch_rollout"] == 0.0 for rank in ranks for h in rank["logs"])
