@@ -177,17 +177,15 @@ class RolloutRecorder:
 
     def result(self, completion_ids: list[list[int]]) -> tuple[torch.Tensor, int, torch.Tensor]:
         """(routing (B, Pg + steps, L, K), prompt width Pg, rollout log-probs (B, steps) with 0 past each end)."""
-        calls = self.routing.calls
-        routing = torch.cat(calls, dim=1)  # (B, Pg + steps - 1, L, K): the last token never ran
-        steps = len(self.log_probs)
-        routing = F.pad(routing, (0, 0, 0, 0, 0, 1), value=-1)  # (B, Pg + steps, L, K)
+        width, steps = self.routing.calls[0].shape[1], len(self.log_probs)
+        routing = self.routing.sequence_routing(width + steps)  # (B, Pg + steps, L, K): the last token never ran, -1
         if self.log_probs and self.log_probs[-1].dim() == 2:  # the last step's token comes from the outputs
             last = torch.tensor([ids[-1] if len(ids) == steps else 0 for ids in completion_ids])
             self.log_probs[-1] = self.log_probs[-1].gather(-1, last[:, None].to(self.log_probs[-1].device))[:, 0]
         log_probs = torch.stack(self.log_probs, dim=1)  # (B, steps)
         lengths = torch.tensor([len(ids) for ids in completion_ids], device=log_probs.device)
         log_probs = log_probs * (torch.arange(steps, device=log_probs.device)[None] < lengths[:, None])
-        return routing, calls[0].shape[1], log_probs
+        return routing, width, log_probs
 
 
 @contextlib.contextmanager

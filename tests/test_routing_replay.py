@@ -10,6 +10,7 @@ import torch
 
 from modeling_qwenmoe_gb import QwenMoeGBForCausalLM
 from modeling_qwenmoe_gb.balance import GlobalBalancer
+from modeling_qwenmoe_gb.modeling_qwenmoe_gb import CACHE_ARG
 
 from .conftest import tiny_config
 
@@ -142,8 +143,7 @@ def manual_decode(model, prompt: torch.Tensor, mask: torch.Tensor, tokens: torch
     """Feed `tokens` (B, N) one by one after the prompt with a KV cache, as generation does: the routing of every
     position run (B, P + N - 1, L, K) and the log-probs of `tokens` (B, N)."""
     out = model(prompt, attention_mask=mask, use_cache=True, output_routed_experts=True)
-    routing, logps, cache = [out.routed_experts], [], out.past_key_values if hasattr(out, "past_key_values") else None
-    cache = getattr(out, "cache", None) or cache
+    routing, logps = [out.routed_experts], []
     logits = out.logits[:, -1]
     for step in range(tokens.shape[1]):
         logps.append(torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, step : step + 1])[:, 0])
@@ -151,7 +151,7 @@ def manual_decode(model, prompt: torch.Tensor, mask: torch.Tensor, tokens: torch
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         out = model(tokens[:, step : step + 1], attention_mask=mask, use_cache=True, output_routed_experts=True,
-                    **{"cache" if hasattr(out, "cache") else "past_key_values": cache})  # fmt: skip
+                    **{CACHE_ARG: getattr(out, CACHE_ARG)})  # fmt: skip
         routing.append(out.routed_experts)
         logits = out.logits[:, -1]
     return torch.cat(routing, 1), torch.stack(logps, 1)
