@@ -10,6 +10,10 @@ Features
 - `GlobalBalancer.step()`, called once per optimizer step after the last micro-step and before `optimizer.step()`:
   updates the aux-free biases from the step's global counts (`b += u · sign(mean(c) − c)` per layer; identical on
   every rank) and resets the buffer. `register_step_hook(optimizer)` does that as an optimizer step pre-hook.
+- Any transformers MoE, trained as it is (Qwen2/3-MoE, OLMoE, Mixtral, GPT-OSS, DeepSeek-V3, GLM-4.5, ...): the
+  balancer reads it through `any_moe.StockMoE` (forward hooks giving the same `RouterStats`), with the balance options
+  given to the balancer (`GlobalBalancer(model, balance_scope="global", router_aux_loss_coef=0.01, aux_free=True)`);
+  aux-free updates the model's own `e_score_correction_bias`.
 - Sub-groups of a given size (`sync_group_size`) emulate "synchronise within a node" for a balance-BSZ sweep.
 - Metrics per optimizer step (per layer and mean): global and micro LBL, MaxVio global and micro (micro = the micro
   scope's groups: chunks of `balance_group_size` sequences or the micro-batch), z-loss, bias spread (aux-free), and
@@ -31,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .any_moe import BALANCE_OPTIONS, StockMoE
 from .expert_parallel import delivered_counts, reset_delivered_counts
 from .modeling_qwenmoe_gb import (
     RouterStats,
@@ -42,12 +47,58 @@ from .modeling_qwenmoe_gb import (
 )
 
 
-def find_moe_model(model: nn.Module) -> nn.Module:
-    """The `QwenMoeGBModel` inside a model (through DDP / FSDP / PEFT / accelerate wrappers, or Hub remote code)."""
-    for module in model.modules():
-        if type(module).__name__ == "QwenMoeGBModel":
-            return module
-    raise ValueError(f"model={type(model).__name__} holds no QwenMoeGBModel: allowed QwenMoE-GB models only")
+def find_moe_model(model: nn.Module) -> nn.Module | None:
+    """The `QwenMoeGBModel` inside a model (through DDP / FSDP / PEFT / accelerate wrappers, or Hub remote code), or
+    None for any other model."""
+    return next((m for m in model.modules() if type(m).__name__ == "QwenMoeGBModel"), None)
+
+
+class QwenMoeGBLayers:
+    """What the balancer reads of a QwenMoE-GB model: its `QwenMoeGBModel` (config, step buffer, expert groups, the
+    routers' aux-free biases); the statistics come out of the forward (`outputs.router_stats`). The same interface as
+    `any_moe.StockMoE` for other transformers MoEs."""
+
+    native = True  # the model adds the micro-scope losses itself unless told not to (`add_balance_loss=False`)
+
+    def __init__(self, moe_model: nn.Module, **balance_options):
+        self.moe_model, self.config = moe_model, moe_model.config
+        unknown = set(balance_options) - set(BALANCE_OPTIONS)
+        if unknown:
+            raise ValueError(f"unknown balance options {sorted(unknown)}: allowed {list(BALANCE_OPTIONS)}")
+        given = {k: v for k, v in balance_options.items() if v is not None}
+        if given:  # the model's config is the one place the options live: set them there, checked
+            for name, value in given.items():
+                setattr(self.config, name, value)
+            self.config.validate_balance()
+
+    @property
+    def training(self) -> bool:
+        return self.moe_model.training
+
+    @property
+    def step_expert_counts(self) -> torch.Tensor:
+        return self.moe_model.step_expert_counts
+
+    def expert_groups(self) -> list[list[int]] | None:
+        return self.moe_model.expert_groups()
+
+    def expert_parallel_groups(self) -> list[list[int]]:
+        return self.moe_model.expert_parallel_groups()
+
+    def biases(self) -> list[torch.Tensor]:
+        return [router.expert_bias for router in self.moe_model.moe_routers()]
+
+    def router_stats(self, outputs) -> RouterStats | None:
+        return getattr(outputs, "router_stats", None)
+
+
+def moe_layers(model: nn.Module, **balance_options) -> QwenMoeGBLayers | StockMoE:
+    """The balancer's view of `model`: a QwenMoE-GB model (`QwenMoeGBLayers`) or any other transformers MoE whose
+    router and experts fit (`any_moe.StockMoE`); `ValueError` naming the class of a model that is neither."""
+    moe_model = find_moe_model(model)
+    if moe_model is not None:
+        return QwenMoeGBLayers(moe_model, **balance_options)
+    return StockMoE(model, **balance_options)
 
 
 def data_parallel_group(model: nn.Module) -> dist.ProcessGroup | None:
@@ -63,9 +114,10 @@ def data_parallel_group(model: nn.Module) -> dist.ProcessGroup | None:
     return mesh._flatten().get_group()  # one flat group per (pp, tp) coordinate
 
 
-def device_groups(moe_model: nn.Module) -> list[list[int]] | None:
+def device_groups(moe_model) -> list[list[int]] | None:
     """The devices whose load `maxvio_device` measures: the expert-parallel ranks of a model sharded with EP (the
-    experts each holds), else the virtual groups of `device_balance_groups`; None when there is one device."""
+    experts each holds), else the virtual groups of `device_balance_groups`; None when there is one device.
+    `moe_model`: a `QwenMoeGBModel` or the balancer's view of a model (`moe_layers`)."""
     groups = moe_model.expert_parallel_groups()
     if len(groups) == 1 and moe_model.config.device_balance_groups is not None:
         groups = moe_model.expert_groups()
@@ -91,7 +143,8 @@ class GlobalBalancer:
     """Balance loss of one micro-step from the model's `router_stats`, usable from any loop.
 
     Args:
-        model: the (possibly wrapped) QwenMoE-GB model; its config decides scope and coefficients.
+        model: the (possibly wrapped: DDP, FSDP, PEFT) QwenMoE-GB model, or any transformers MoE whose router and
+            experts fit (`any_moe.find_moe_layers`), trained as it is.
         group: the data-parallel process group to all-reduce over (default: the data-parallel ranks of a model loaded
             with transformers' `distributed_config` (`data_parallel_group`), else the whole world when
             `torch.distributed` is initialised; no communication otherwise).
@@ -100,6 +153,12 @@ class GlobalBalancer:
         bias_update: `"global"` (default): aux-free biases move once per optimizer step from the step's global counts;
             `"micro"`: after every micro-batch from its local counts (the baseline the global update is compared to).
         max_pending: micro-steps whose metrics may wait for `pop_metrics` before they are computed (memory bound).
+        **balance_options: `balance_scope`, `router_aux_loss_coef`, `balance_group_size`, `micro_balance_coef`,
+            `device_balance_groups`, `device_balance_coef`, `router_z_loss_coef`, `aux_free`,
+            `aux_free_bias_update_rate` (the names and meaning of `QwenMoeGBConfig`'s fields; `router_scoring_func` too
+            for other models). A QwenMoE-GB model's config holds them (given ones are set there); for another model
+            they are the balancer's own (`self.config`, an `any_moe.BalanceConfig`), defaulting to the model's
+            `router_aux_loss_coef` in our units.
         compile: put the balance loss (`balance_loss`, forward and backward) through `torch.compile`, as one graph of a
             few fused kernels instead of about 25 small eager ops; for a compiled model (the Trainer sets it from
             `TrainingArguments.torch_compile`). The all-reduce and the buffer updates stay eager.
@@ -113,13 +172,14 @@ class GlobalBalancer:
         bias_update: str = "global",
         max_pending: int = 64,
         compile: bool = False,
+        **balance_options,
     ):
         if bias_update not in ("global", "micro"):
             raise ValueError(f"bias_update={bias_update!r} is unknown: allowed ['global', 'micro']")
         self.bias_update = bias_update
         self.max_pending = max_pending
         self._loss = torch.compile(self._balance_loss, fullgraph=True) if compile else self._balance_loss
-        self.moe_model = find_moe_model(model)
+        self.moe_model = moe_layers(model, **balance_options)
         self.config = self.moe_model.config
         self.model = model
         self.groups = self.moe_model.expert_groups()
@@ -149,6 +209,11 @@ class GlobalBalancer:
     def step_counts(self) -> torch.Tensor:
         """(L, E) int64 counts of the current optimizer step so far (all-reduced, buffered)."""
         return self.moe_model.step_expert_counts
+
+    def router_stats(self, outputs) -> RouterStats | None:
+        """The router statistics of the forward that returned `outputs`: `outputs.router_stats` of a QwenMoE-GB
+        model, the hooks' record of the last forward for any other MoE."""
+        return self.moe_model.router_stats(outputs)
 
     def _world(self) -> int:
         return dist.get_world_size(self.group) if dist.is_initialized() else 1
@@ -187,9 +252,9 @@ class GlobalBalancer:
     def _update_biases(self, counts: torch.Tensor) -> None:
         """b += u · sign(mean(c) − c) per layer from (L, E) counts."""
         rate = self.config.aux_free_bias_update_rate
-        for router, layer_counts in zip(self.moe_model.moe_routers(), counts.double()):
+        for bias, layer_counts in zip(self.moe_model.biases(), counts.double()):
             delta = torch.sign(layer_counts.mean() - layer_counts) * rate  # (E,)
-            router.expert_bias.add_(delta.to(router.expert_bias))
+            bias.add_(delta.to(bias))
 
     def _record(self, stats: RouterStats) -> None:
         """Keep this micro-step's detached statistics and the increments of the step so far (whose sum is the buffer
@@ -257,7 +322,7 @@ class GlobalBalancer:
         if self.config.aux_free and self.bias_update == "global":
             self._update_biases(counts)
         if self.config.aux_free:  # the bias moves the selection only with aux-free routing
-            bias = torch.stack([r.expert_bias for r in self.moe_model.moe_routers()])  # (L, E)
+            bias = torch.stack(self.moe_model.biases())  # (L, E)
             self._add("bias_spread", (bias.amax(-1) - bias.amin(-1)).double())
         counts.zero_()
         self._counted = False
@@ -345,6 +410,8 @@ def _comm_device() -> torch.device:
 
 __all__ = [
     "GlobalBalancer",
+    "QwenMoeGBLayers",
+    "moe_layers",
     "data_parallel_group",
     "device_groups",
     "find_moe_model",

@@ -116,58 +116,24 @@ class QwenMoeGBConfig(Qwen2MoeConfig):
     # ------------------------------------------------------------------ validation
     def validate_balance(self) -> None:
         """Raise `ValueError` naming the field, the value and what is allowed."""
-        _check_int("num_experts", self.num_experts, minimum=1)
-        _check_int("num_experts_per_tok", self.num_experts_per_tok, minimum=1)
-        if self.num_experts_per_tok > self.num_experts:
-            raise ValueError(
-                f"num_experts_per_tok={self.num_experts_per_tok} is above num_experts={self.num_experts}: "
-                f"allowed 1..{self.num_experts}"
-            )
-        if self.balance_scope not in BALANCE_SCOPES:
-            raise ValueError(f"balance_scope={self.balance_scope!r} is unknown: allowed {list(BALANCE_SCOPES)}")
+        validate_balance_fields(self)
         if self.router_scoring_func not in ROUTER_SCORING_FUNCS:
             raise ValueError(
                 f"router_scoring_func={self.router_scoring_func!r} is unknown: allowed {list(ROUTER_SCORING_FUNCS)}"
             )
         if self.router_dtype not in ROUTER_DTYPES:
             raise ValueError(f"router_dtype={self.router_dtype!r} is unknown: allowed {list(ROUTER_DTYPES)}")
-        if self.balance_group_size is not None:
-            _check_int("balance_group_size", self.balance_group_size, minimum=1)
         if self.loss_implementation not in LOSS_IMPLEMENTATIONS:
             raise ValueError(
                 f"loss_implementation={self.loss_implementation!r} is unknown: allowed {list(LOSS_IMPLEMENTATIONS)}"
             )
         if self.loss_chunk_size is not None:
             _check_int("loss_chunk_size", self.loss_chunk_size, minimum=1)
-        for name in (
-            "router_aux_loss_coef",
-            "micro_balance_coef",
-            "device_balance_coef",
-            "router_z_loss_coef",
-            "aux_free_bias_update_rate",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"{name}={value!r} is not allowed: a number >= 0 is required")
-        if not isinstance(self.aux_free, bool):
-            raise ValueError(f"aux_free={self.aux_free!r} is not allowed: True or False")
-        self.device_balance_groups = _normalise_groups(self.device_balance_groups, self.num_experts)
 
     def expert_groups(self) -> list[list[int]] | None:
         """`device_balance_groups` as an explicit partition (list of expert-index lists), or None. `"ep"` depends on
         how the model was sharded: ask the model (`QwenMoeGBModel.expert_groups()`)."""
-        groups = self.device_balance_groups
-        if groups is None:
-            return None
-        if groups == "ep":
-            raise ValueError(
-                "device_balance_groups='ep' is read from the loaded model's expert-parallel sharding: use "
-                "QwenMoeGBModel.expert_groups() (the model and the balancer do)"
-            )
-        if isinstance(groups, int):
-            size = self.num_experts // groups
-            return [list(range(d * size, (d + 1) * size)) for d in range(groups)]
-        return [list(g) for g in groups]
+        return expert_partition(self.device_balance_groups, self.num_experts)
 
     # ------------------------------------------------------------------ parameter counts
     def moe_layer_indices(self) -> list[int]:
@@ -205,6 +171,54 @@ class QwenMoeGBConfig(Qwen2MoeConfig):
         return self.num_params(active=True)
 
 
+BALANCE_COEFFICIENTS = (
+    "router_aux_loss_coef",
+    "micro_balance_coef",
+    "device_balance_coef",
+    "router_z_loss_coef",
+    "aux_free_bias_update_rate",
+)
+
+
+def validate_balance_fields(config) -> None:
+    """Check the balance fields of `config` (this config, or the balancer's settings for another MoE: the same names)
+    and normalise `device_balance_groups`; `ValueError` naming the field, the value and what is allowed."""
+    _check_int("num_experts", config.num_experts, minimum=1)
+    _check_int("num_experts_per_tok", config.num_experts_per_tok, minimum=1)
+    if config.num_experts_per_tok > config.num_experts:
+        raise ValueError(
+            f"num_experts_per_tok={config.num_experts_per_tok} is above num_experts={config.num_experts}: "
+            f"allowed 1..{config.num_experts}"
+        )
+    if config.balance_scope not in BALANCE_SCOPES:
+        raise ValueError(f"balance_scope={config.balance_scope!r} is unknown: allowed {list(BALANCE_SCOPES)}")
+    if config.balance_group_size is not None:
+        _check_int("balance_group_size", config.balance_group_size, minimum=1)
+    for name in BALANCE_COEFFICIENTS:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"{name}={value!r} is not allowed: a number >= 0 is required")
+    if not isinstance(config.aux_free, bool):
+        raise ValueError(f"aux_free={config.aux_free!r} is not allowed: True or False")
+    config.device_balance_groups = _normalise_groups(config.device_balance_groups, config.num_experts)
+
+
+def expert_partition(groups: int | list | str | None, num_experts: int) -> list[list[int]] | None:
+    """A validated `device_balance_groups` as an explicit partition (list of expert-index lists), or None. `"ep"`
+    depends on how the model was sharded and is resolved by the model (or the balancer's view of it)."""
+    if groups is None:
+        return None
+    if groups == "ep":
+        raise ValueError(
+            "device_balance_groups='ep' is read from the loaded model's expert-parallel sharding: use "
+            "QwenMoeGBModel.expert_groups() (the model and the balancer do)"
+        )
+    if isinstance(groups, int):
+        size = num_experts // groups
+        return [list(range(d * size, (d + 1) * size)) for d in range(groups)]
+    return [list(g) for g in groups]
+
+
 def _check_int(name: str, value: object, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name}={value!r} is not allowed: an integer >= {minimum} is required")
@@ -234,4 +248,12 @@ def _normalise_groups(groups: object, num_experts: int) -> int | list[list[int]]
     return [sorted(int(i) for i in g) for g in groups]
 
 
-__all__ = ["QwenMoeGBConfig", "BALANCE_SCOPES", "LOSS_IMPLEMENTATIONS", "ROUTER_SCORING_FUNCS"]
+__all__ = [
+    "QwenMoeGBConfig",
+    "BALANCE_COEFFICIENTS",
+    "BALANCE_SCOPES",
+    "LOSS_IMPLEMENTATIONS",
+    "ROUTER_SCORING_FUNCS",
+    "expert_partition",
+    "validate_balance_fields",
+]

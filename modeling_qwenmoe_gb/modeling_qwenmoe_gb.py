@@ -108,7 +108,7 @@ class RouterStats(ModelOutput):
 
 
 def router_statistics(
-    router_logits: torch.Tensor,
+    router_logits: torch.Tensor | None,
     router_probs: torch.Tensor,
     top_k_index: torch.Tensor,
     token_mask: torch.Tensor | None = None,
@@ -122,7 +122,7 @@ def router_statistics(
     real tokens, or None when every token is real (then `batch_size` is B, and no masking op runs); `...` is () for
     one layer or (L,). Returns counts (..., B, E), prob_sums (..., B, E), num_tokens (..., B), z_sums (..., B), all
     fp32. `z_grad=False` computes z_sums as a metric only (no graph), so autograd keeps no fp32 copy of the logits for
-    a z-loss that is off.
+    a z-loss that is off. `router_logits=None` (a router that exposes only its probabilities): z_sums are 0.
     """
     lead = router_probs.shape[:-2]  # () or (L,)
     num_experts, top_k = router_probs.shape[-1], top_k_index.shape[-1]
@@ -140,9 +140,12 @@ def router_statistics(
         counts = weights.new_zeros(*lead, batch, num_experts).scatter_add_(-1, index, weights)  # (..., B, E)
     probs = router_probs.reshape(*lead, batch, seq, num_experts)  # (..., B, S, E)
     prob_sums = (probs if mask is None else probs * mask[..., None]).sum(-2)  # (..., B, E)
-    with contextlib.nullcontext() if z_grad else torch.no_grad():  # a branch, not set_grad_enabled(flag): compiles
-        lse_sq = torch.logsumexp(router_logits.float(), dim=-1).square().reshape(*lead, batch, seq)  # (..., B, S)
-        z_sums = (lse_sq if mask is None else lse_sq * mask).sum(-1)  # (..., B)
+    if router_logits is None:
+        z_sums = prob_sums.new_zeros(prob_sums.shape[:-1])  # (..., B)
+    else:
+        with contextlib.nullcontext() if z_grad else torch.no_grad():  # a branch, not set_grad_enabled(): compiles
+            lse_sq = torch.logsumexp(router_logits.float(), dim=-1).square().reshape(*lead, batch, seq)  # (..., B, S)
+            z_sums = (lse_sq if mask is None else lse_sq * mask).sum(-1)  # (..., B)
     if mask is None:
         num_tokens = torch.full((*lead, batch), float(seq), device=counts.device)  # (..., B)
     else:

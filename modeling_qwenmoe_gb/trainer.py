@@ -1,6 +1,9 @@
 """`QwenMoeGBTrainer`: transformers' Trainer with global-batch load balancing.
 
 Features
+- For QwenMoE-GB models and for any transformers MoE whose router and experts the balancer reads (`any_moe`:
+  Qwen2/3-MoE, OLMoE, Mixtral, GPT-OSS, DeepSeek-V3, GLM-4.5, ...), trained as they are; the balance options are
+  trainer arguments with the config's names (`balance_scope=`, `router_aux_loss_coef=`, `aux_free=`, ...).
 - `compute_loss` runs the model with `add_balance_loss=False`, adds the `GlobalBalancer` loss (global scope: counts
   all-reduced over data-parallel ranks and buffered over the step's accumulation micro-steps) with the same gradient
   scale as the micro-batch loss, whatever the world size or the number of accumulation steps.
@@ -39,6 +42,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from .any_moe import BALANCE_OPTIONS
 from .balance import GlobalBalancer
 from .configuration_qwenmoe_gb import BALANCE_SCOPES
 
@@ -133,9 +137,15 @@ class DomainBatchesMixin:
 
 class GlobalBalanceMixin(DomainBatchesMixin):
     """Global-batch balancing for any `transformers.Trainer` subclass (put it first: `class T(GlobalBalanceMixin,
-    SFTTrainer)`): the balancer, its callback, the loss with the scale rule, metrics, fused-expert restore.
+    SFTTrainer)`): the balancer, its callback, the loss with the scale rule, metrics, fused-expert restore. The model
+    is a QwenMoE-GB model or any transformers MoE whose router and experts the balancer reads (`any_moe`), trained as
+    it is (its own aux loss off: the balancer adds the balance loss).
 
     Extra args:
+        balance_scope, router_aux_loss_coef, balance_group_size, micro_balance_coef, device_balance_groups,
+            device_balance_coef, router_z_loss_coef, aux_free, aux_free_bias_update_rate (and router_scoring_func):
+            the balance options, named as `QwenMoeGBConfig`'s fields (see `GlobalBalancer`); unset ones keep the
+            QwenMoE-GB model's config, or the defaults for another model.
         balance_sync_group_size: all-reduce expert counts only within groups of this many ranks (default: all).
         train_batch_sampler: batch sampler of the training DataLoader (default: the Trainer's own sampler).
         bias_update: when aux-free biases move, `"global"` (per optimizer step) or `"micro"` (per micro-batch).
@@ -148,6 +158,7 @@ class GlobalBalanceMixin(DomainBatchesMixin):
         bias_update: str = "global",
         **kwargs: Any,
     ):
+        balance_options = {k: kwargs.pop(k) for k in BALANCE_OPTIONS if k in kwargs}
         model = kwargs.get("model", args[0] if args else None)
         train_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         sharded = bool(getattr(model, "is_distributed_loading_by_transformers", False))
@@ -168,6 +179,7 @@ class GlobalBalanceMixin(DomainBatchesMixin):
             sync_group_size=balance_sync_group_size,
             bias_update=bias_update,
             compile=self.args.torch_compile,
+            **balance_options,
         )
         self.add_callback(BalanceCallback(self.balancer))
         consoles = {ProgressCallback: ConsoleProgressCallback, PrinterCallback: ConsolePrinterCallback}
@@ -257,7 +269,9 @@ class GlobalBalanceMixin(DomainBatchesMixin):
         scaled_for_ga = self.model_accepts_loss_kwargs and num_items_in_batch is not None
         kwargs = {"num_items_in_batch": num_items_in_batch} if scaled_for_ga else {}
         inputs = {k: v for k, v in inputs.items() if k not in EXTRA_COLLATOR_KEYS}
-        outputs = model(**inputs, add_balance_loss=False, **kwargs)
+        if self.balancer.moe_model.native:  # ours adds its micro-scope losses unless told not to
+            kwargs["add_balance_loss"] = False
+        outputs = model(**inputs, **kwargs)
         loss = outputs.loss
         if scaled_for_ga and self.args.average_tokens_across_devices:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
@@ -266,7 +280,7 @@ class GlobalBalanceMixin(DomainBatchesMixin):
             ce = (loss.detach() if scaled_for_ga else loss.detach() / steps).double()
             self._ce_sum = self._ce_sum + ce  # stays on the device: no host sync per micro-step
             self._ce_steps += 1 / steps
-            balance, _ = self.balancer(outputs.router_stats)
+            balance, _ = self.balancer(self.balancer.router_stats(outputs))
             if scaled_for_ga:
                 balance = balance / steps
             loss = loss + balance.to(loss.device)
