@@ -1,7 +1,8 @@
 """Per-domain evaluation and expert-specialization analysis.
 
 Features
-- `route_domains`: one pass over each domain's held-out sequences: CE sum and token count (perplexity), expert
+- `route_domains`: one pass over each domain's held-out sequences (a QwenMoE-GB model, or any transformers MoE the
+  balancer reads: `any_moe`): CE sum and token count (perplexity), expert
   selection counts (L, E), and the mean top-K routing-score sum per layer.
 - `perplexity_report`: per-domain and domain-averaged perplexity (the paper's measure), JSON + a printed table.
 - `specialization_report`: selection frequency per domain × layer × expert (paper Figure 1b), top-K score sum per
@@ -13,6 +14,7 @@ Features
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -26,31 +28,38 @@ SPECIALIZATION_METRIC = str(Path(__file__).resolve().parent / "metrics" / "exper
 
 @torch.no_grad()
 def route_domains(model, packed: PackedDomains, batch_size: int = 16, max_sequences: int | None = None) -> dict:
-    """{domain: {"ce_sum", "tokens", "counts" (L, E), "topk_score_sum" (L,)}} over the held-out sequences; a model
-    without routers (a dense baseline) gets "ce_sum" and "tokens" only."""
+    """{domain: {"ce_sum", "tokens", "counts" (L, E), "topk_score_sum" (L,)}} over the held-out sequences, for a
+    QwenMoE-GB model or any transformers MoE the balancer reads (`any_moe`); a model without routers (a dense
+    baseline) gets "ce_sum" and "tokens" only."""
     model.eval()
     device = next(model.parameters()).device
-    routers = model.model.moe_routers() if hasattr(model.model, "moe_routers") else None
+    stock = stock_view(model)
+    routers = model.model.moe_routers() if stock is None and hasattr(model.model, "moe_routers") else None
+    recording = stock.analysis() if stock is not None else contextlib.nullcontext()
     out = {}
-    for domain in packed.domains:
-        seqs = packed.sequences[domain][:max_sequences]
-        ce_sum, tokens, counts, topk = 0.0, 0, 0, 0
-        for start in range(0, len(seqs), batch_size):
-            ids = seqs[start : start + batch_size].to(device)  # (B, S)
-            result = model(input_ids=ids, output_router_logits=routers is not None)
-            logits = result.logits[:, :-1].float()  # (B, S-1, V)
-            ce = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-            )
-            ce_sum += ce.item()
-            tokens += ids[:, 1:].numel()
-            if routers is not None:
-                counts = counts + result.router_stats.counts.sum(1).double().cpu()  # (L, E)
-                scores = [_topk_score_sum(x, r) for x, r in zip(result.router_logits, routers)]
-                topk = topk + torch.stack(scores).cpu()  # (L,)
-        out[domain] = {"ce_sum": ce_sum, "tokens": tokens}
-        if routers is not None:
-            out[domain].update(counts=counts, topk_score_sum=topk / (len(seqs) * seqs.shape[1]))
+    with recording:
+        for domain in packed.domains:
+            seqs = packed.sequences[domain][:max_sequences]
+            ce_sum, tokens, counts, topk = 0.0, 0, 0, 0
+            for start in range(0, len(seqs), batch_size):
+                ids = seqs[start : start + batch_size].to(device)  # (B, S)
+                result = model(input_ids=ids, output_router_logits=routers is not None, use_cache=False)
+                logits = result.logits[:, :-1].float()  # (B, S-1, V)
+                ce = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+                )
+                ce_sum += ce.item()
+                tokens += ids[:, 1:].numel()
+                if routers is not None:
+                    counts = counts + result.router_stats.counts.sum(1).double().cpu()  # (L, E)
+                    scores = [_topk_score_sum(x, r) for x, r in zip(result.router_logits, routers)]
+                    topk = topk + torch.stack(scores).cpu()  # (L,)
+                elif stock is not None:
+                    counts = counts + stock.router_stats().counts.sum(1).double().cpu()  # (L, E)
+                    topk = topk + stock.last_topk_score_sums().cpu()  # (L,)
+            out[domain] = {"ce_sum": ce_sum, "tokens": tokens}
+            if routers is not None or stock is not None:
+                out[domain].update(counts=counts, topk_score_sum=topk / (len(seqs) * seqs.shape[1]))
     return out
 
 
@@ -58,6 +67,27 @@ def _topk_score_sum(router_logits: torch.Tensor, router) -> torch.Tensor:
     """Σ over tokens of the (unnormalised) scores of the selected top-K experts, for one layer."""
     scores, index, _ = router.select(router_logits)  # (T, E), (T, K)
     return scores.gather(-1, index).sum().double()
+
+
+def stock_view(model):
+    """The balancer's hooks on a transformers MoE that is not a QwenMoE-GB model (the trainer's, when it left them),
+    or None for a QwenMoE-GB model or a model without routers."""
+    from .any_moe import StockMoE, base_model_of
+    from .balance import find_moe_model
+
+    if find_moe_model(model) is not None:
+        return None
+    try:
+        base = base_model_of(model)
+    except ValueError:  # no router: a dense model
+        return None
+    return getattr(base, "_qwenmoe_gb_stats", None) or StockMoE(model)
+
+
+def experts_per_token(model) -> int:
+    """K of a QwenMoE-GB model or of any transformers MoE the balancer reads."""
+    stock = stock_view(model)
+    return stock.config.num_experts_per_tok if stock is not None else model.config.num_experts_per_tok
 
 
 def perplexity_report(routed: dict) -> dict:

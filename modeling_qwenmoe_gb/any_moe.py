@@ -501,6 +501,7 @@ class StockMoE:
         if self.scoring is not None and self.scoring != scoring:
             logger.warning("%s scores with %s; using router_scoring_func=%s", self.model_class, scoring, self.scoring)
         self.scoring = self.scoring or scoring
+        self.config.router_scoring_func = self.scoring  # the settings (and the card) say what was used
         self.output_is_scores = own is not None
         if self.output_is_scores and self.config.router_z_loss_coef > 0:
             raise ValueError(

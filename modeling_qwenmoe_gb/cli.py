@@ -28,12 +28,12 @@ from .convert import EXPORT_TARGETS, export_qwen_moe
 from .data import load_tokenizer, pack_corpus
 from .hub import complete_auto_map, push_folder
 from .modeling_qwenmoe_gb import QwenMoeGBForCausalLM
-from .pretraining import DataArguments, ModelArguments, evaluate_and_analyze, pretrain
+from .pretraining import DataArguments, ModelArguments, evaluate_and_analyze, load_trained, pretrain
 
 
 @dataclass
 class ModelPathArguments:
-    model: str = field(default="runs/pretrain", metadata={"help": "trained checkpoint folder"})
+    model: str = field(default="runs/pretrain", metadata={"help": "trained checkpoint folder (any MoE it trains)"})
     out: str | None = field(default=None, metadata={"help": "output folder (default: the model folder)"})
 
 
@@ -71,7 +71,7 @@ def _load_for_eval(argv: list[str]):
     if info.is_file() and "--data" not in argv:  # same data and tokenizer as the training run by default
         recorded = json.loads(info.read_text())
         data_args.data, data_args.tokenizer = recorded["data"], recorded["tokenizer"]
-    model = QwenMoeGBForCausalLM.from_pretrained(path_args.model)
+    model = load_trained(path_args.model)  # QwenMoE-GB, or the transformers MoE it was trained as
     tokenizer = load_tokenizer(data_args.tokenizer)
     test = pack_corpus(data_args.corpus(), tokenizer, data_args.seq_len, "test")
     return model, test, Path(path_args.out or path_args.model), data_args

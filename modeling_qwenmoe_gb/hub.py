@@ -126,8 +126,10 @@ def card_metadata(
     base_model_relation: str | None = None,
     tags: list[str] | tuple[str, ...] = (),
     library_name: str = "transformers",
+    family_tag: str = "qwenmoe_gb",
 ) -> ModelCardData:
-    """The card's metadata in huggingface_hub's types (see the module docstring)."""
+    """The card's metadata in huggingface_hub's types (see the module docstring). `family_tag`: the model family's
+    tag (`qwenmoe_gb`, or the model type of a transformers MoE trained as it is)."""
     if base_model_relation is not None and base_model_relation not in BASE_MODEL_RELATIONS:
         raise ValueError(
             f"base_model_relation={base_model_relation!r} is unknown: allowed {list(BASE_MODEL_RELATIONS)}"
@@ -139,7 +141,7 @@ def card_metadata(
         library_name=library_name,
         pipeline_tag="text-generation",
         license="apache-2.0",
-        tags=list(dict.fromkeys([*TAGS, *tags])),
+        tags=list(dict.fromkeys([*(family_tag if t == "qwenmoe_gb" else t for t in TAGS), *tags])),
         model_name=model_name,
         datasets=hub_datasets or None,
         metrics=["perplexity"] if results else None,
@@ -164,27 +166,46 @@ def write_model_card(
     template: str = "qwenmoe_gb_card.md",
     tags: list[str] | tuple[str, ...] = (),
     library_name: str = "transformers",
+    balance_config=None,
+    model=None,
     **fields,
 ) -> ModelCard:
     """`folder`/README.md from `model_cards/<template>`: `config` (the QwenMoE-GB config it was trained with), the
     run's `eval_report` (`eval.json`) and `specialization`, its `data` (as `--data` took it) and description, and its
     lineage: `base_model` (a Hub repo id) and `base_model_relation`, or `source` (a local checkpoint, text only);
     `origin` replaces the lineage sentence (e.g. how the model was upcycled).
-    `fields` go to the template. Returns the card."""
+    `fields` go to the template. A transformers MoE trained as it is (not a QwenMoE-GB config) takes the
+    `any_moe_card.md` template: `balance_config` is the balancer's `BalanceConfig` and `model` the trained model (its
+    parameters are counted). Returns the card."""
     folder = Path(folder)
     model_name = repo_id or folder.name
+    balance_config = balance_config or config
+    own = hasattr(config, "num_params")  # a QwenMoE-GB config; else a transformers MoE trained as it is
+    if not own and template == "qwenmoe_gb_card.md":
+        template = "any_moe_card.md"
+        fields.setdefault("architecture_class", type(model).__name__ if model is not None else config.model_type)
+        fields.setdefault("model_type", config.model_type)
+        fields.setdefault("aux_free", balance_config.aux_free)
     if template == "qwenmoe_gb_card.md":  # the repository carries its code: loads with trust_remote_code
         tags = [*tags, "custom_code"]
+    total, active = (config.num_params(), config.num_active_params()) if own else _counted(model, balance_config)
+    architecture = {k: getattr(config, k) for k in ARCHITECTURE_FIELDS if hasattr(config, k)}
+    if not own:
+        architecture.update(
+            num_experts=balance_config.num_experts, num_experts_per_tok=balance_config.num_experts_per_tok
+        )
+    metadata = card_metadata(model_name, eval_report, data, base_model, base_model_relation, tags, library_name,
+                             family_tag="qwenmoe_gb" if own else config.model_type)  # fmt: skip
     card = ModelCard.from_template(
-        card_metadata(model_name, eval_report, data, base_model, base_model_relation, tags, library_name),
+        metadata,
         template_path=str(_template(template)),
         model_name=model_name,
         repo_id=repo_id or f"<user>/{folder.name}",
-        total_params=_human(config.num_params()),
-        active_params=_human(config.num_active_params()),
-        balance_scope=config.balance_scope,
-        architecture={k: getattr(config, k) for k in ARCHITECTURE_FIELDS},
-        balance={k: getattr(config, k) for k in BALANCE_FIELDS},
+        total_params=_human(total),
+        active_params=_human(active),
+        balance_scope=balance_config.balance_scope,
+        architecture=architecture,
+        balance={k: getattr(balance_config, k) for k in BALANCE_FIELDS if hasattr(balance_config, k)},
         data_description=data_description or "not recorded",
         eval_table=format_ppl_table(eval_report) if eval_report else "not evaluated",
         specialization_kl=f"{specialization['specialization_kl']:.4f}" if specialization else None,
@@ -198,6 +219,18 @@ def write_model_card(
     )
     card.save(folder / "README.md")
     return card
+
+
+def _counted(model, balance_config) -> tuple[int, int]:
+    """(total, active) parameters of a transformers MoE: an active token uses K of the E routed experts."""
+    if model is None:
+        return 0, 0
+    from .any_moe import find_moe_layers
+
+    total = sum(p.numel() for p in model.parameters())
+    routed = sum(p.numel() for layer in find_moe_layers(model) for p in layer.experts.parameters())
+    k, e = balance_config.num_experts_per_tok, balance_config.num_experts
+    return total, total - routed + routed * k // e
 
 
 def _lineage(base_model: str | None, relation: str | None, source: str | None) -> str:
@@ -232,7 +265,7 @@ def push_folder(
     """Upload a saved checkpoint folder (weights, code, card) to the Hub; returns the commit URL."""
     folder = Path(folder)
     model_type = (read_json(folder / "config.json") or {}).get("model_type")
-    required = STOCK_FILES if model_type in ("qwen2_moe", "qwen3_moe") else HUB_FILES
+    required = HUB_FILES if model_type == "qwenmoe_gb" else STOCK_FILES  # else: transformers' own class
     missing = [f for f in required if not (folder / f).is_file()]
     if missing or not any(folder.glob("*.safetensors")):
         raise ValueError(

@@ -7,7 +7,10 @@ Features
   `--tp_size`, named like `DistributedConfig`'s fields), checked against the world size and the experts before
   anything is built.
 - `build_model`: a preset (`from_config`) or `--model_name_or_path`, with the balance options applied and checked,
-  sharded at load time when parallel sizes are given.
+  sharded at load time when parallel sizes are given. `--model_name_or_path` takes any transformers MoE the balancer
+  reads (Qwen2/3-MoE, OLMoE, Mixtral, GPT-OSS, DeepSeek-V3, GLM-4.5, ...), trained as it is: its own class, the
+  balance flags given to the trainer, the saved folder a checkpoint of that class (`--convert_to_qwenmoe_gb` trains a
+  Qwen2/3-MoE as a QwenMoE-GB model instead).
 - `pretrain(argv)`: train with `QwenMoeGBTrainer` on domain-pure micro-batches, save, evaluate per domain, analyse
   expert specialization and write the model card. Runs unchanged under `accelerate launch` / `torchrun`.
 """
@@ -18,9 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, HfArgumentParser, TrainingArguments, set_seed
+from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser, TrainingArguments, set_seed
 
 from . import analysis
+from .any_moe import BALANCE_OPTIONS
 from .convert import TRANSFORMERS_UNITS, from_dense, qwen_moe_config
 from .data import (
     ByteTokenizer,
@@ -60,7 +64,12 @@ PRETRAIN_DEFAULTS = [
 class ModelArguments:
     preset: str = field(default="demo", metadata={"help": "preset name (configuration/*.json) or a config JSON path"})
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "start from this checkpoint instead (QwenMoE-GB, or stock Qwen2/3-MoE)"}
+        default=None,
+        metadata={"help": "start from this checkpoint instead: QwenMoE-GB, or any transformers MoE (trained as it is)"},
+    )
+    convert_to_qwenmoe_gb: bool = field(
+        default=False,
+        metadata={"help": "with a Qwen2/3-MoE --model_name_or_path: train it as a QwenMoE-GB model (converted)"},
     )
     balance_scope: str = field(default="global", metadata={"help": "micro | global | sequence"})
     router_aux_loss_coef: float = field(default=0.1, metadata={"help": "expert-level LBL coefficient"})
@@ -71,7 +80,9 @@ class ModelArguments:
     router_z_loss_coef: float = field(default=0.0, metadata={"help": "router z-loss coefficient"})
     aux_free: bool = field(default=False, metadata={"help": "auxiliary-loss-free bias balancing"})
     aux_free_bias_update_rate: float = field(default=0.001, metadata={"help": "aux-free bias update rate u"})
-    router_scoring_func: str = field(default="softmax", metadata={"help": "softmax | sigmoid"})
+    router_scoring_func: str | None = field(
+        default=None, metadata={"help": "softmax | sigmoid (QwenMoE-GB models; default softmax)"}
+    )
     experts_implementation: str | None = field(default=None, metadata={"help": "eager | batched_mm | grouped_mm"})
     config_overrides: str | None = field(default=None, metadata={"help": "JSON dict of further config fields"})
     balance_sync_group_size: int | None = field(default=None, metadata={"help": "all-reduce within groups of ranks"})
@@ -106,10 +117,24 @@ class ModelArguments:
             "router_z_loss_coef": self.router_z_loss_coef,
             "aux_free": self.aux_free,
             "aux_free_bias_update_rate": self.aux_free_bias_update_rate,
-            "router_scoring_func": self.router_scoring_func,
         }
+        if self.router_scoring_func is not None:
+            fields["router_scoring_func"] = self.router_scoring_func
         fields.update(json.loads(self.config_overrides) if self.config_overrides else {})
         return fields
+
+    def stock_options(self) -> tuple[dict, dict]:
+        """For a transformers MoE trained as it is: (the balance options, for the trainer; the other
+        `config_overrides`, for its config). Its router scores as the model does: `--router_scoring_func` is
+        refused."""
+        if self.router_scoring_func is not None:
+            raise ValueError(
+                f"router_scoring_func={self.router_scoring_func!r} applies to QwenMoE-GB models (a preset, "
+                "--upcycle_from, --convert_to_qwenmoe_gb): a transformers MoE trained as it is keeps its own scoring"
+            )
+        fields = self.balance_fields()
+        options = {k: fields.pop(k) for k in list(fields) if k in BALANCE_OPTIONS}
+        return options, fields
 
 
 @dataclass
@@ -202,20 +227,21 @@ def build_model(
                 f"tokenizer={data_args.tokenizer!r} has {vocab} tokens but the dense model's vocab_size is "
                 f"{model.config.vocab_size}: allowed tokenizers with at most {model.config.vocab_size} tokens"
             )
+    elif model_args.model_name_or_path and not trains_as_qwenmoe_gb(model_args):
+        source = model_args.model_name_or_path
+        _, overrides = model_args.stock_options()  # the balance options go to the trainer (`trainer_options`)
+        model = AutoModelForCausalLM.from_pretrained(source, **overrides, **kwargs)
+        _check_vocab(data_args, vocab, model.config.vocab_size)
     elif model_args.model_name_or_path:
         source = model_args.model_name_or_path
         source_config = AutoConfig.from_pretrained(source)
-        if source_config.model_type in TRANSFORMERS_UNITS:  # a stock Qwen2/3-MoE checkpoint
+        if source_config.model_type in TRANSFORMERS_UNITS:  # a stock Qwen2/3-MoE checkpoint, converted
             kwargs["config"] = qwen_moe_config(source_config, **model_args.balance_fields())
         model = QwenMoeGBForCausalLM.from_pretrained(source, **kwargs)
         for name, value in model_args.balance_fields().items():
             setattr(model.config, name, value)
         model.config.validate_balance()
-        if vocab > model.config.vocab_size:
-            raise ValueError(
-                f"tokenizer={data_args.tokenizer!r} has {vocab} tokens but the model's vocab_size is "
-                f"{model.config.vocab_size}: allowed tokenizers with at most {model.config.vocab_size} tokens"
-            )
+        _check_vocab(data_args, vocab, model.config.vocab_size)
     else:
         config = load_preset(model_args.preset, **model_args.balance_fields())
         if vocab > config.vocab_size:
@@ -225,12 +251,47 @@ def build_model(
         else:  # initialised here (the same on every rank: same seed), sharded as it loads
             weights = QwenMoeGBForCausalLM._from_config(config).state_dict()
             model = QwenMoeGBForCausalLM.from_pretrained(None, config=config, state_dict=weights, **kwargs)
-    if data_args.seq_len > model.config.max_position_embeddings:
+    longest = getattr(model.config, "max_position_embeddings", None)
+    if longest is not None and data_args.seq_len > longest:
         raise ValueError(
-            f"seq_len={data_args.seq_len} is above the model's max_position_embeddings="
-            f"{model.config.max_position_embeddings}: allowed 1..{model.config.max_position_embeddings}"
+            f"seq_len={data_args.seq_len} is above the model's max_position_embeddings={longest}: allowed 1..{longest}"
         )
     return model
+
+
+def trains_as_qwenmoe_gb(model_args: ModelArguments) -> bool:
+    """A preset, an upcycled model, a QwenMoE-GB checkpoint, or a Qwen2/3-MoE with `--convert_to_qwenmoe_gb`; False
+    for any other transformers model given as `--model_name_or_path` (trained as it is, its own class)."""
+    if not model_args.model_name_or_path or model_args.upcycle_from:
+        return True
+    model_type = AutoConfig.from_pretrained(model_args.model_name_or_path).model_type
+    if model_args.convert_to_qwenmoe_gb and model_type not in TRANSFORMERS_UNITS + ("qwenmoe_gb",):
+        raise ValueError(
+            f"convert_to_qwenmoe_gb=True is not allowed for model_type={model_type!r}: allowed for Qwen2-MoE and "
+            "Qwen3-MoE checkpoints (any other transformers MoE trains as it is)"
+        )
+    return model_type == "qwenmoe_gb" or model_args.convert_to_qwenmoe_gb
+
+
+def trainer_options(model_args: ModelArguments) -> dict:
+    """The balance options the trainer takes: none for a QwenMoE-GB model (its config holds them), the balance flags
+    for a transformers MoE trained as it is."""
+    return {} if trains_as_qwenmoe_gb(model_args) else model_args.stock_options()[0]
+
+
+def load_trained(folder: str | Path, **kwargs):
+    """A trained folder as its own class: QwenMoE-GB, or the transformers MoE it was trained as."""
+    if AutoConfig.from_pretrained(folder).model_type == "qwenmoe_gb":
+        return QwenMoeGBForCausalLM.from_pretrained(folder, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+
+
+def _check_vocab(data_args: DataArguments, vocab: int, model_vocab: int) -> None:
+    if vocab > model_vocab:
+        raise ValueError(
+            f"tokenizer={data_args.tokenizer!r} has {vocab} tokens but the model's vocab_size is {model_vocab}: "
+            f"allowed tokenizers with at most {model_vocab} tokens"
+        )
 
 
 def upcycled_model(model_args: ModelArguments, load_kwargs: dict) -> QwenMoeGBForCausalLM:
@@ -268,7 +329,7 @@ def origin(model_args: ModelArguments, config) -> dict:
 def evaluate_and_analyze(model, packed_test, out_dir: Path, data_args: DataArguments, title: str = "") -> dict:
     routed = analysis.route_domains(model, packed_test, data_args.eval_batch_size, data_args.eval_max_sequences)
     ppl = analysis.perplexity_report(routed)
-    spec = analysis.specialization_report(routed, model.config.num_experts_per_tok)
+    spec = analysis.specialization_report(routed, analysis.experts_per_token(model))
     out_dir.mkdir(parents=True, exist_ok=True)
     analysis.write_json(ppl, out_dir / "eval.json")
     analysis.write_json(spec, out_dir / "specialization.json")
@@ -309,6 +370,7 @@ def pretrain(argv: list[str]) -> dict:
         train_batch_sampler=sampler,
         balance_sync_group_size=model_args.balance_sync_group_size,
         bias_update=model_args.aux_free_update,
+        **trainer_options(model_args),
     )
     if model_args.switch_scope_at is not None:
         trainer.add_callback(SwitchScopeCallback(model, model_args.switch_scope_at, model_args.switch_scope_to))
@@ -320,14 +382,16 @@ def pretrain(argv: list[str]) -> dict:
         return {}
     trained = trainer.model
     if distributed_config is not None:  # the trained model is sharded over the ranks: evaluate the saved folder here
-        trained = QwenMoeGBForCausalLM.from_pretrained(out_dir, **model_args.load_kwargs())
+        trained = load_trained(out_dir, **model_args.load_kwargs())
     analysis.write_json({"log_history": trainer.state.log_history}, out_dir / "log_history.json")
     (tokenizer.to_hf() if isinstance(tokenizer, ByteTokenizer) else tokenizer).save_pretrained(out_dir)
     info = (out_dir / "data_info.json", corpus, train, data_args.tokenizer, data_args.data, train_args.world_size)
     save_data_info(*info)
-    result = evaluate_and_analyze(trained, test, out_dir, data_args, f"{model.config.balance_scope} balance")
+    balance = trainer.balancer.config  # the model's config, or the balancer's settings for a transformers MoE
+    result = evaluate_and_analyze(trained, test, out_dir, data_args, f"{balance.balance_scope} balance")
     write_model_card(out_dir, model.config, result["eval"], result["specialization"], describe_data(data_args, train),
-                     data=data_args.data, **origin(model_args, model.config))  # fmt: skip
+                     data=data_args.data, balance_config=balance, model=trained,
+                     **origin(model_args, model.config))  # fmt: skip
     print(analysis.format_ppl_table(result["eval"]))
     print(f"specialization KL: {result['specialization']['specialization_kl']:.4f}   (files in {out_dir})")
     return result
@@ -351,7 +415,10 @@ def _num_experts(model_args: ModelArguments) -> int:
     if model_args.upcycle_from:
         return model_args.num_experts or 1
     if model_args.model_name_or_path:
-        return AutoConfig.from_pretrained(model_args.model_name_or_path).num_experts
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path)
+        config = getattr(config, "text_config", None) or config
+        names = ("num_experts", "num_local_experts", "n_routed_experts")
+        return next((v for n in names if isinstance(v := getattr(config, n, None), int)), 1)
     overrides = json.loads(model_args.config_overrides) if model_args.config_overrides else {}
     return overrides.get("num_experts", load_preset(model_args.preset).num_experts)
 
@@ -363,5 +430,8 @@ __all__ = [
     "ParallelArguments",
     "build_model",
     "evaluate_and_analyze",
+    "load_trained",
+    "trainer_options",
+    "trains_as_qwenmoe_gb",
     "pretrain",
 ]
