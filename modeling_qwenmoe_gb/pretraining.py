@@ -24,7 +24,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser, TrainingArguments, set_seed
 
 from . import analysis
-from .any_moe import BALANCE_OPTIONS
+from .any_moe import BALANCE_OPTIONS, StockMoE
 from .convert import TRANSFORMERS_UNITS, from_dense, qwen_moe_config
 from .data import (
     ByteTokenizer,
@@ -229,8 +229,9 @@ def build_model(
             )
     elif model_args.model_name_or_path and not trains_as_qwenmoe_gb(model_args):
         source = model_args.model_name_or_path
-        _, overrides = model_args.stock_options()  # the balance options go to the trainer (`trainer_options`)
+        options, overrides = model_args.stock_options()  # the balance options go to the trainer (`trainer_options`)
         model = AutoModelForCausalLM.from_pretrained(source, **overrides, **kwargs)
+        StockMoE(model, **options).remove()  # checked now, before anything is written (the trainer hooks it again)
         _check_vocab(data_args, vocab, model.config.vocab_size)
     elif model_args.model_name_or_path:
         source = model_args.model_name_or_path

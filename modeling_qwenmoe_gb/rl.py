@@ -189,9 +189,17 @@ class RolloutRecorder:
 
 
 @contextlib.contextmanager
-def _route(moe_model: torch.nn.Module, replay: torch.Tensor | None, record: bool, into: list):
+def _route(moe_model: torch.nn.Module | None, replay: torch.Tensor | None, record: bool, into: list, balancer=None):
     """Within: the model's forwards replay `replay` (B, S, L, K) when given, and append their (router_stats,
-    routed_experts or None) to `into`."""
+    routed_experts or None) to `into`. `moe_model=None` (a transformers MoE, read by the balancer's hooks): the
+    statistics the balancer recorded for the pass, no replay."""
+    if moe_model is None:
+        last = balancer.router_stats(None)
+        yield
+        stats = balancer.router_stats(None)
+        if stats is not None and stats is not last:  # a training forward ran (a no-grad pass records nothing)
+            into.append((stats, None))
+        return
 
     def inject(module, args, kwargs):
         extra = {"output_routed_experts": True} if record else {}
@@ -218,6 +226,7 @@ def _route(moe_model: torch.nn.Module, replay: torch.Tensor | None, record: bool
 
 class QwenMoeGBGRPOTrainer(GlobalBalanceMixin, GRPOTrainer):
     """`trl.GRPOTrainer` for QwenMoE-GB models: global-batch balance and routing replay (see the module docstring).
+    Any transformers MoE the balancer reads trains with global balance too (`routing_replay="none"`).
 
     Extra args (keywords; the rest are `GRPOTrainer`'s and `GlobalBalanceMixin`'s):
         routing_replay: `"none"` (default), `"rollout"` or `"old_policy"`.
@@ -234,6 +243,14 @@ class QwenMoeGBGRPOTrainer(GlobalBalanceMixin, GRPOTrainer):
         self.aux_loss_enabled = False  # TRL's own load-balancing loss: the balancer adds ours
         self.routing_replay = routing_replay
         self.routing_metrics = routing_replay != "none" if routing_metrics is None else routing_metrics
+        self._moe = find_moe_model(self.model)  # None: a transformers MoE trained as it is (the balancer's hooks)
+        if self._moe is None and (routing_replay != "none" or self.routing_metrics):
+            raise ValueError(
+                f"routing_replay={routing_replay!r}, routing_metrics={self.routing_metrics} is not allowed for "
+                f"{type(self.model).__name__}: routing replay and its metrics need a QwenMoE-GB model (its forward "
+                "takes `routed_experts`); a transformers MoE trains with routing_replay='none', routing_metrics=False "
+                "(global balance as usual), or converted (`convert.from_qwen_moe` for Qwen2/3-MoE)"
+            )
         unsupported = {
             "use_vllm=True": self.use_vllm,
             "use_transformers_continuous_batching=True": self.use_transformers_continuous_batching,
@@ -249,7 +266,6 @@ class QwenMoeGBGRPOTrainer(GlobalBalanceMixin, GRPOTrainer):
                 "generate without our model's forward. Allowed there: routing_replay='old_policy' or 'none'"
             )
         self.record_rollout = routing_replay == "rollout" or (self.routing_metrics and not named)
-        self._moe = find_moe_model(self.model)
         self._rollout: tuple[torch.Tensor, int, torch.Tensor] | None = None
         self._passes: list[str] = []  # scoring passes still to come inside `_generate_and_score_completions`
         self._pending: dict[str, Any] = {}  # per `compute_loss`: what the policy pass replays and compares to
@@ -315,7 +331,7 @@ class QwenMoeGBGRPOTrainer(GlobalBalanceMixin, GRPOTrainer):
         for start in range(0, batch, size):
             end = min(start + size, batch)
             chunk_replay = None if replay is None else replay[start:end]
-            with _route(self._moe, chunk_replay, record, captured):
+            with _route(self._moe, chunk_replay, record, captured, self.balancer):
                 lp, ent, _ = super()._get_per_token_logps_and_entropies(
                     model, input_ids[start:end], attention_mask[start:end], logits_to_keep, end - start, **kwargs
                 )
@@ -325,7 +341,7 @@ class QwenMoeGBGRPOTrainer(GlobalBalanceMixin, GRPOTrainer):
         entropies = None if entropies[0] is None else torch.cat(entropies)
         if kind == "old" and record:
             self._old_routing = [used for _, used in captured]
-        if kind == "policy":
+        if kind == "policy" and captured:
             self._pending["stats"] = cat_stats([stats for stats, _ in captured])
             if record:
                 used = torch.cat([used for _, used in captured])  # (B, S, L, K)

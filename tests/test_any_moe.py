@@ -244,3 +244,71 @@ def test_a_second_balancer_replaces_the_first_ones_hooks():
     ids, mask = padded_batch()
     out = model(input_ids=ids, attention_mask=mask, labels=ids)
     assert first.router_stats(out) is None and second.router_stats(out) is not None
+
+
+# ----------------------------------------------------------------------------------------- PEFT, TRL
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_a_peft_wrapped_stock_model_counts_as_the_plain_one(family):
+    """LoRA on attention and the fused experts (PEFT wraps the experts module) with the router in `modules_to_save`
+    (PEFT copies it): at initialisation the adapters add 0, so the counts and loss equal the plain model's."""
+    pytest.importorskip("peft")
+    from peft import get_peft_model
+
+    from modeling_qwenmoe_gb.sft import lora_config
+
+    ids, mask = padded_batch()
+    plain = tiny_model(family).train()
+    balancer = GlobalBalancer(plain)
+    out = plain(input_ids=ids, attention_mask=mask, labels=ids)
+    expected = balancer.router_stats(out)
+    lora = get_peft_model(tiny_model(family).train(), lora_config(rank=4, train_router=True))
+    assert any("experts" in n and "lora" in n for n, _ in lora.named_parameters())
+    wrapped = GlobalBalancer(lora)
+    stats = wrapped.router_stats(lora(input_ids=ids, attention_mask=mask, labels=ids))
+    torch.testing.assert_close(stats.counts, expected.counts, rtol=0, atol=0)
+    torch.testing.assert_close(stats.prob_sums, expected.prob_sums, rtol=1e-6, atol=1e-6)
+    loss, _ = wrapped(stats)
+    loss.backward()
+    router_copy = [p for n, p in lora.named_parameters() if "modules_to_save" in n and p.requires_grad]
+    assert router_copy and all(p.grad is not None for p in router_copy)  # the trained copy gets the balance gradient
+
+
+def test_sft_trainer_on_a_stock_deepseek_v3_with_aux_free():
+    pytest.importorskip("trl")
+    from modeling_qwenmoe_gb.sft import QwenMoeGBSFTTrainer
+
+    from .test_sft import char_tokenizer, sft_data
+
+    model = tiny_model("deepseek_v3", vocab_size=64)
+    before = [b.clone() for b in find_moe_layers(model)[0].bias.view(1, -1)]
+    args = _sft_args()
+    trainer = QwenMoeGBSFTTrainer(model=model, args=args, train_dataset=sft_data(), processing_class=char_tokenizer(),
+                                  aux_free=True, balance_scope="global")  # fmt: skip
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs and all("balance/global_lbl" in h and "balance/bias_spread" in h for h in logs)
+    assert not torch.equal(find_moe_layers(model)[0].bias.view(1, -1), before[0][None])
+    assert trainer.balancer.step_counts.sum() == 0
+
+
+def _sft_args():
+    from trl import SFTConfig
+
+    return SFTConfig("unused", per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=2,
+                     learning_rate=1e-2, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+                     disable_tqdm=True, max_length=32)  # fmt: skip
+
+
+def test_grpo_trainer_on_a_stock_model_balances_and_refuses_replay(tmp_path):
+    pytest.importorskip("trl")
+    from .test_rl import StepCounts, run_grpo
+
+    counts = StepCounts()
+    model = tiny_model("qwen3_moe", vocab_size=64, eos_token_id=1)
+    with pytest.raises(ValueError, match="routing_replay='rollout'.*not allowed for Qwen3MoeForCausalLM"):
+        run_grpo(tmp_path / "replay", "rollout", steps=1, model=model)
+    trainer, logs = run_grpo(tmp_path / "none", "none", steps=2, model=model, callbacks=[counts], routing_metrics=False)
+    assert all("balance/global_lbl" in h for h in logs)
+    assert len(counts.counts) == 2 and all(c.sum() > 0 for c in counts.counts)  # the policy passes were counted

@@ -65,7 +65,9 @@ class StepCounts(TrainerCallback):
         self.counts.append(self.trainer.balancer.step_counts.clone())
 
 
-def run_grpo(tmp_path, replay: str, steps: int = 4, lr: float = 1e-2, callbacks=(), model=None, **config):
+def run_grpo(
+    tmp_path, replay: str, steps: int = 4, lr: float = 1e-2, callbacks=(), model=None, routing_metrics=True, **config
+):
     fields = dict(per_device_train_batch_size=4, num_generations=4, max_completion_length=6, max_steps=steps,
                   learning_rate=lr, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
                   disable_tqdm=True, bf16=False, num_iterations=2, beta=0.0, temperature=1.0)  # fmt: skip
@@ -73,7 +75,7 @@ def run_grpo(tmp_path, replay: str, steps: int = 4, lr: float = 1e-2, callbacks=
     if model is None:
         model = QwenMoeGBForCausalLM(tiny_config(vocab_size=64, pad_token_id=0, eos_token_id=1))
     trainer = Probe(model=model, reward_funcs=exact_sum, args=args, train_dataset=prompts(),
-                    processing_class=char_tokenizer(), routing_replay=replay, routing_metrics=True,
+                    processing_class=char_tokenizer(), routing_replay=replay, routing_metrics=routing_metrics,
                     callbacks=list(callbacks))  # fmt: skip
     for callback in callbacks:
         callback.trainer = trainer
