@@ -181,6 +181,9 @@ def write_model_card(
     model_name = repo_id or folder.name
     balance_config = balance_config or config
     own = hasattr(config, "num_params")  # a QwenMoE-GB config; else a transformers MoE trained as it is
+    if not own:  # e.g. the adapter card of a transformers MoE
+        fields.setdefault("base_description", f"a {type(model).__name__ if model is not None else config.model_type}")
+        fields.setdefault("remote_code", "")
     if not own and template == "qwenmoe_gb_card.md":
         template = "any_moe_card.md"
         fields.setdefault("architecture_class", type(model).__name__ if model is not None else config.model_type)

@@ -45,6 +45,7 @@ class QwenMoeGBSFTTrainer(GlobalBalanceMixin, SFTTrainer):
             tags=["trl", "sft", *([tags] if isinstance(tags, str) else tags or [])],
             library_name="peft" if adapter else "transformers",
             lora_targets=", ".join(f"`{t}`" for t in [*targets, *parameters]),
+            balance_config=self.balancer.config, model=base,
         )  # fmt: skip
 
 
