@@ -14,12 +14,14 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from modeling_qwenmoe_gb.any_moe import find_moe_layers  # noqa: E402
 from modeling_qwenmoe_gb.balance import GlobalBalancer  # noqa: E402
 from tests.stock_models import available, tiny_model  # noqa: E402
 
 ACCUMULATION = 2
 # (family, DistributedConfig sizes) of the runs under transformers' own parallel engine
-ENGINE = (("qwen3_moe", {"fsdp_size": 2, "ep_size": 2}), ("deepseek_v3", {"fsdp_size": 2, "ep_size": 2}))
+EP = {"fsdp_size": 2, "ep_size": 2}
+ENGINE = tuple((family, EP) for family in ("qwen3_moe", "deepseek_v3", "olmoe", "mixtral", "gpt_oss", "glm4_moe"))
 
 
 def family_batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,7 +93,7 @@ def engine_step(out: Path, rank: int, family: str, sizes: dict) -> None:
         balance, _ = balancer(balancer.router_stats(outputs))
         ((outputs.loss + balance) / ACCUMULATION).backward()
         buffers.append(balancer.step_counts.clone())
-    local = model.model.layers[0].mlp.experts.gate_up_proj
+    local = next(find_moe_layers(model)[0].experts.parameters())  # (E, ·, ·) fused experts
     sharded = hasattr(local, "to_local") and local.to_local().shape[0] < local.shape[0]
     grads = {n: full(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None}
     torch.save({"buffers": buffers, "grads": grads, "sharded": sharded}, out / f"engine_{family}_rank{rank}.pt")

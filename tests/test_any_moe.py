@@ -43,7 +43,12 @@ TRANSFORMERS_LOSS = (
     "granitemoe_swa", "granitemoehybrid", "granitemoeshared", "jamba", "lara_mini", "mellum", "minimax",
     "qwen3_5_moe", "qwen3_next", "qwen4_exp",
 )  # fmt: skip
-BIASED = ("deepseek_v3", "glm4_moe", "dots1", "ernie4_5_moe", "minimax_m2", "solar_open", "kimi_linear")
+# Families whose routers hold DeepSeek-V3's aux-free selection bias (`e_score_correction_bias`).
+BIASED = (
+    "deepseek_v3", "glm4_moe", "axk1", "axk2", "bailing_hybrid", "beam", "deepseek_v32", "dots1", "ernie4_5_moe",
+    "exaone_moe", "glm4_moe_lite", "glm_moe_dsa", "hy_v3", "hy_v4", "kimi_linear", "kolibri1", "laguna",
+    "mimo_v2_flash", "minimax_m2", "nemotron_h", "solar_open",
+)  # fmt: skip
 
 
 def family_params(names):
@@ -189,6 +194,28 @@ def test_aux_free_updates_the_models_own_bias_by_deepseek_v3s_rule(family, tmp_p
     reloaded = [layer.bias.view(-1) for layer in find_moe_layers(again)]
     for b1, b2 in zip(balancer.moe_model.biases(), reloaded):
         torch.testing.assert_close(b2, b1, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", family_params(["olmoe", "deepseek_v3", "gpt_oss"]))
+def test_device_level_loss_equals_a_float64_re_derivation(family):
+    """DeepSeek-V2's device-level loss over 4 groups of 2 experts: D · Σ_d F_d P_d with F_d the groups' share of the
+    selections and P_d their summed mean probability, per layer, averaged."""
+    model = tiny_model(family).train()
+    balancer = GlobalBalancer(model, balance_scope="micro", device_balance_groups=4, device_balance_coef=1.0)
+    selections = Selections(balancer.moe_model)
+    ids, mask = padded_batch(seed=5)
+    out = model(input_ids=ids, attention_mask=mask, labels=ids, output_router_logits=True, use_cache=False)
+    _, parts = balancer(balancer.router_stats(out))
+    real = mask.reshape(-1).bool()
+    logits = [x for x in out.router_logits if x is not None][-len(balancer.moe_model.layers) :]
+    losses = []
+    for x, c in zip(logits, selections.counts(mask).sum(1).double()):
+        x = x.detach().double()[real]
+        p = x.softmax(-1) if balancer.moe_model.scoring == "softmax" else x.sigmoid() / x.sigmoid().sum(-1, True)
+        f_groups = c.view(4, 2).sum(-1) / c.sum()  # (D,)
+        p_groups = p.mean(0).view(4, 2).sum(-1)  # (D,)
+        losses.append(4 * (f_groups * p_groups).sum())
+    torch.testing.assert_close(parts["device_lbl"].double(), torch.stack(losses).mean(), rtol=1e-5, atol=1e-6)
 
 
 def test_aux_free_is_refused_for_a_model_without_a_bias():
