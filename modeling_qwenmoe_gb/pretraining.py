@@ -67,6 +67,11 @@ class ModelArguments:
         default=None,
         metadata={"help": "start from this checkpoint instead: QwenMoE-GB, or any transformers MoE (trained as it is)"},
     )
+    model_config: str | None = field(
+        default=None,
+        metadata={"help": "train this transformers MoE config (folder, Hub name or config JSON) from scratch, as its "
+                          "own class (e.g. configuration/stock/olmoe-byte.json)"},
+    )  # fmt: skip
     convert_to_qwenmoe_gb: bool = field(
         default=False,
         metadata={"help": "with a Qwen2/3-MoE --model_name_or_path: train it as a QwenMoE-GB model (converted)"},
@@ -220,6 +225,7 @@ def build_model(
     kwargs = model_args.load_kwargs()
     if distributed_config is not None:
         kwargs["distributed_config"] = distributed_config
+    trains_as_qwenmoe_gb(model_args)  # the start flags agree
     if model_args.upcycle_from:
         model = upcycled_model(model_args, kwargs)
         if vocab > model.config.vocab_size:
@@ -227,6 +233,17 @@ def build_model(
                 f"tokenizer={data_args.tokenizer!r} has {vocab} tokens but the dense model's vocab_size is "
                 f"{model.config.vocab_size}: allowed tokenizers with at most {model.config.vocab_size} tokens"
             )
+    elif model_args.model_config:
+        options, overrides = model_args.stock_options()
+        config = AutoConfig.from_pretrained(model_args.model_config, **overrides)
+        if vocab > config.vocab_size:
+            config.vocab_size = vocab
+        if distributed_config is None:
+            model = AutoModelForCausalLM.from_config(config, **kwargs)  # random init at the run's seed, its own class
+        else:  # initialised here (the same on every rank: same seed), sharded as it loads
+            initial = AutoModelForCausalLM.from_config(config)
+            model = type(initial).from_pretrained(None, config=config, state_dict=initial.state_dict(), **kwargs)
+        StockMoE(model, **options).remove()  # checked now, before anything is written (the trainer hooks it again)
     elif model_args.model_name_or_path and not trains_as_qwenmoe_gb(model_args):
         source = model_args.model_name_or_path
         options, overrides = model_args.stock_options()  # the balance options go to the trainer (`trainer_options`)
@@ -263,9 +280,18 @@ def build_model(
 def trains_as_qwenmoe_gb(model_args: ModelArguments) -> bool:
     """A preset, an upcycled model, a QwenMoE-GB checkpoint, or a Qwen2/3-MoE with `--convert_to_qwenmoe_gb`; False
     for any other transformers model given as `--model_name_or_path` (trained as it is, its own class)."""
-    if not model_args.model_name_or_path or model_args.upcycle_from:
+    source = model_args.model_name_or_path or model_args.model_config
+    if model_args.model_name_or_path and model_args.model_config:
+        raise ValueError("model_name_or_path and model_config are both given: start from a checkpoint or a config")
+    if not source or model_args.upcycle_from:
         return True
-    model_type = AutoConfig.from_pretrained(model_args.model_name_or_path).model_type
+    model_type = AutoConfig.from_pretrained(source).model_type
+    if model_args.model_config and (model_type == "qwenmoe_gb" or model_args.convert_to_qwenmoe_gb):
+        raise ValueError(
+            f"model_config={model_args.model_config!r} ({model_type}) with convert_to_qwenmoe_gb="
+            f"{model_args.convert_to_qwenmoe_gb}: a QwenMoE-GB model from scratch is a --preset (a name or a config "
+            "JSON); --model_config trains another transformers MoE as its own class"
+        )
     if model_args.convert_to_qwenmoe_gb and model_type not in TRANSFORMERS_UNITS + ("qwenmoe_gb",):
         raise ValueError(
             f"convert_to_qwenmoe_gb=True is not allowed for model_type={model_type!r}: allowed for Qwen2-MoE and "
@@ -415,8 +441,8 @@ def _num_experts(model_args: ModelArguments) -> int:
     """`num_experts` of the model to build, read from its config alone (before anything is loaded)."""
     if model_args.upcycle_from:
         return model_args.num_experts or 1
-    if model_args.model_name_or_path:
-        config = AutoConfig.from_pretrained(model_args.model_name_or_path)
+    if model_args.model_name_or_path or model_args.model_config:
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path or model_args.model_config)
         config = getattr(config, "text_config", None) or config
         names = ("num_experts", "num_local_experts", "n_routed_experts")
         return next((v for n in names if isinstance(v := getattr(config, n, None), int)), 1)

@@ -3,11 +3,13 @@ keeps its model type and class (it loads with transformers alone), the balance f
 analysis and the card work as for a QwenMoE-GB run; `--convert_to_qwenmoe_gb` keeps the conversion for Qwen-MoE."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from modeling_qwenmoe_gb import load_preset
 from modeling_qwenmoe_gb.any_moe import find_moe_layers
 from modeling_qwenmoe_gb.cli import main, pretrain
 
@@ -15,6 +17,7 @@ from .card_checks import assert_card
 from .stock_models import tiny_model
 from .test_cli import TINY
 
+ROOT = Path(__file__).resolve().parent.parent
 STOCK = [flag for flag in TINY if flag not in ("--config_overrides", '{"num_hidden_layers": 2}')]
 
 
@@ -99,3 +102,21 @@ def test_flags_that_do_not_apply_to_a_stock_model_are_refused(tmp_path):
     with pytest.raises(ValueError, match="convert_to_qwenmoe_gb=True is not allowed for model_type='olmoe'"):
         pretrain([*flags, "--convert_to_qwenmoe_gb", "true"])
     assert not (tmp_path / "run").exists()
+
+
+def test_a_stock_architecture_from_scratch(tmp_path):
+    """`--model_config` trains transformers' own class from a config at the run's seed (another seed: other weights)."""
+    config = str(ROOT / "configuration" / "stock" / "olmoe-byte.json")
+    flags = [*STOCK, "--model_config", config, "--config_overrides", '{"num_hidden_layers": 2}', "--max_steps", "2",
+             "--save_strategy", "no"]  # fmt: skip
+    pretrain([*flags, "--output_dir", str(tmp_path / "a"), "--seed", "0"])
+    pretrain([*flags, "--output_dir", str(tmp_path / "b"), "--seed", "1"])
+    saved = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert saved["model_type"] == "olmoe" and saved["num_hidden_layers"] == 2
+    a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / n) for n in "ab")
+    assert not torch.equal(a.model.embed_tokens.weight, b.model.embed_tokens.weight)
+    with pytest.raises(ValueError, match="model_name_or_path and model_config are both given"):
+        pretrain([*flags, "--output_dir", str(tmp_path / "c"), "--model_name_or_path", str(tmp_path / "a")])
+    load_preset("tiny").save_pretrained(tmp_path / "ours")
+    with pytest.raises(ValueError, match="a QwenMoE-GB model from scratch is a --preset"):
+        pretrain([*flags, "--output_dir", str(tmp_path / "c"), "--model_config", str(tmp_path / "ours")])

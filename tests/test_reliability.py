@@ -59,8 +59,12 @@ def test_balancer_option_errors():
         GlobalBalancer(model, bias_update="sometimes")
     with pytest.raises(ValueError, match="sync_group_size=3 must be a positive divisor of world size 1"):
         GlobalBalancer(model, sync_group_size=3)
-    with pytest.raises(ValueError, match="holds no QwenMoeGBModel"):
+    with pytest.raises(ValueError, match="model=Linear is not a transformers MoE the balancer can read"):
         GlobalBalancer(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"unknown balance options \['balance_scop'\]"):
+        GlobalBalancer(model, balance_scop="global")
+    with pytest.raises(ValueError, match="balance_scope='nope' is unknown"):
+        GlobalBalancer(model, balance_scope="nope")
 
 
 def test_load_best_model_at_end_restores_the_fused_experts(tmp_path):
