@@ -1,6 +1,6 @@
 """Supervised fine-tuning example: TRL SFTTrainer + global-batch balance, optionally with PEFT LoRA.
 
-    qwenmoe-gb pretrain --output_dir runs/pretrain                   # or any QwenMoE-GB / Qwen MoE checkpoint
+    qwenmoe-gb pretrain --output_dir runs/pretrain                   # or any QwenMoE-GB / transformers MoE checkpoint
     python scripts/sft_example.py --model runs/pretrain --output_dir runs/sft [--lora] [--freeze_router]
     python scripts/sft_example.py --model Qwen/Qwen1.5-MoE-A2.7B --data my_sft.jsonl --bf16 ...
     python scripts/sft_example.py --model runs/pretrain --lora --export runs/sft-stock   # + merge, stock Qwen-MoE
@@ -19,17 +19,19 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset, load_dataset
-from transformers import AutoTokenizer, HfArgumentParser
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 from trl import SFTConfig
 
 from modeling_qwenmoe_gb.convert import EXPORT_TARGETS, export_qwen_moe, from_qwen_moe
 from modeling_qwenmoe_gb.data import ByteTokenizer, synthetic_corpus
 from modeling_qwenmoe_gb.sft import QwenMoeGBSFTTrainer, lora_config
 
+QWEN_TYPES = ("qwenmoe_gb", "qwen2_moe", "qwen3_moe")
+
 
 @dataclass
 class ExampleArguments:
-    model: str = field(default="runs/pretrain", metadata={"help": "QwenMoE-GB or Qwen MoE checkpoint (path or name)"})
+    model: str = field(default="runs/pretrain", metadata={"help": "QwenMoE-GB or any transformers MoE (path or name)"})
     data: str | None = field(default=None, metadata={"help": "jsonl with prompt/completion (default: arithmetic)"})
     balance_scope: str = field(default="global", metadata={"help": "micro | global | sequence"})
     lora: bool = field(default=False, metadata={"help": "LoRA on attention and experts instead of full fine-tuning"})
@@ -53,7 +55,15 @@ def main() -> None:
     example, sft_args = HfArgumentParser((ExampleArguments, SFTConfig)).parse_args_into_dataclasses(
         args=defaults + sys.argv[1:]
     )
-    model = from_qwen_moe(example.model, balance_scope=example.balance_scope)
+    model_type = AutoConfig.from_pretrained(example.model).model_type
+    balance = {}
+    if model_type in QWEN_TYPES:  # QwenMoE-GB, or a Qwen2/3-MoE converted to it (what --export writes back)
+        model = from_qwen_moe(example.model, balance_scope=example.balance_scope)
+    elif example.export:
+        raise ValueError(f"export={example.export!r} is for QwenMoE-GB / Qwen-MoE models; a {model_type} stays stock")
+    else:  # any other transformers MoE, fine-tuned as it is; the trainer adds the balance loss
+        model = AutoModelForCausalLM.from_pretrained(example.model)
+        balance = {"balance_scope": example.balance_scope}
     tokenizer_files = Path(example.model, "tokenizer.json").is_file() or not Path(example.model).exists()
     tokenizer = AutoTokenizer.from_pretrained(example.model) if tokenizer_files else ByteTokenizer().to_hf()
     if example.lora:
@@ -62,7 +72,7 @@ def main() -> None:
         model = get_peft_model(model, lora_config(train_router=not example.freeze_router))
         model.print_trainable_parameters()
     data = load_dataset("json", data_files=example.data, split="train") if example.data else arithmetic_pairs()
-    trainer = QwenMoeGBSFTTrainer(model=model, args=sft_args, train_dataset=data, processing_class=tokenizer)
+    trainer = QwenMoeGBSFTTrainer(model=model, args=sft_args, train_dataset=data, processing_class=tokenizer, **balance)
     trainer.train()
     trainer.save_model()
     if example.export:
