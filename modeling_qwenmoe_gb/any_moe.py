@@ -297,7 +297,8 @@ class StockMoE:
             raise ValueError(f"unknown balance options {sorted(unknown)}: allowed {list(BALANCE_OPTIONS)}")
         self.base = base_model_of(model)
         self.layers = find_moe_layers(model)
-        self.model_class = type(model).__name__
+        outermost = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), model)  # under DDP / PEFT
+        self.model_class = type(outermost).__name__
         config = self.base.config
         num_experts, top_k = _experts_and_top_k(self.layers[0], config)
         options = {k: v for k, v in balance_options.items() if v is not None}
@@ -391,10 +392,11 @@ class StockMoE:
 
     @torch.enable_grad()
     def detect_scoring(self) -> None:
-        """Read the scoring from a forward of 2 tokens whose embeddings require grad (a graph without training)."""
+        """Read the scoring from a forward of 2 tokens whose embeddings require grad (a graph without training or
+        trainable parameters)."""
         embed = self.base.get_input_embeddings()
         weight = embed.weight.to_local() if hasattr(embed.weight, "to_local") else embed.weight
-        probe = torch.randn(1, 2, weight.shape[-1], device=weight.device, dtype=weight.dtype, requires_grad=True)
+        probe = torch.ones(1, 2, weight.shape[-1], device=weight.device, dtype=weight.dtype, requires_grad=True)
         self.base(inputs_embeds=probe, use_cache=False)
 
     # ------------------------------------------------------------------ hooks
@@ -485,6 +487,9 @@ class StockMoE:
         if self.scoring is not None and self.output_is_scores is not None:
             return True
         if output.grad_fn is None or weights is None or weights.grad_fn is None:
+            if self.scoring is not None:  # stated by `router_scoring_func`: the output is taken as logits
+                self.output_is_scores = False
+                return True
             if not required:
                 return False
             raise ValueError(
