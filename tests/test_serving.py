@@ -177,6 +177,42 @@ def test_fine_tune_round_trip_qwen3_moe_to_vllm(tmp_path):
     compare("round-trip-qwen3-moe", result, reference, "vllm")
 
 
+def test_a_glm4_moe_trained_as_itself_with_aux_free_serves_natively(tmp_path):
+    """transformers' own GLM-4.5-MoE (sigmoid scores, `e_score_correction_bias`, shared expert) → `qwenmoe-gb
+    pretrain --model_name_or_path ... --aux_free true` (the balancer moves the model's own bias; no conversion) → the
+    saved GLM-4.5 checkpoint in vLLM's native class. The trained bias changes the greedy tokens, so vLLM must use it;
+    tokens equal transformers' on the trained checkpoint."""
+    torch.manual_seed(0)
+    config = transformers.Glm4MoeConfig(
+        vocab_size=260, hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=64, n_routed_experts=8, num_experts_per_tok=2,
+        n_shared_experts=1, n_group=1, topk_group=1, first_k_dense_replace=0, norm_topk_prob=True,
+        routed_scaling_factor=1.0, initializer_range=0.2, max_position_embeddings=128, tie_word_embeddings=False,
+        pad_token_id=256, bos_token_id=257, eos_token_id=258,
+    )  # fmt: skip
+    transformers.Glm4MoeForCausalLM(config).save_pretrained(tmp_path / "glm")
+    ByteTokenizer().to_hf().save_pretrained(tmp_path / "glm")
+    run = [sys.executable, "-m", "modeling_qwenmoe_gb.cli", "pretrain", "--model_name_or_path", str(tmp_path / "glm"),
+           "--output_dir", str(tmp_path / "ft"), "--max_steps", "6", "--seq_len", "64", "--learning_rate", "3e-3",
+           "--per_device_train_batch_size", "4", "--save_strategy", "no", "--eval_max_sequences", "4",
+           "--disable_tqdm", "true", "--aux_free", "true", "--aux_free_bias_update_rate", "0.1"]  # fmt: skip
+    done = subprocess.run(run, capture_output=True, text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert done.returncode == 0, done.stderr[-4000:]
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "ft")
+    assert type(trained) is transformers.Glm4MoeForCausalLM
+    biases = [layer.mlp.gate.e_score_correction_bias for layer in trained.model.layers]
+    assert all(b.abs().sum() > 0 for b in biases)
+    unbiased = AutoModelForCausalLM.from_pretrained(tmp_path / "ft")
+    with torch.no_grad():
+        for layer in unbiased.model.layers:
+            layer.mlp.gate.e_score_correction_bias.zero_()
+    reference = greedy(trained)
+    assert greedy(unbiased)[0] != reference[0]  # the trained bias changes the tokens
+    result = vllm(tmp_path / "ft", tmp_path, "glm4-moe-aux-free")
+    assert result["architecture"] == "Glm4MoeForCausalLM"
+    compare("glm4-moe-aux-free", result, reference, "vllm")
+
+
 # ----------------------------------------------------------------------------------------- llama.cpp
 
 
