@@ -81,7 +81,8 @@ def stock_view(model):
         base = base_model_of(model)
     except ValueError:  # no router: a dense model
         return None
-    return getattr(base, "_qwenmoe_gb_stats", None) or StockMoE(model)
+    existing = getattr(base, "_qwenmoe_gb_stats", None)
+    return existing if existing is not None and existing._handles else StockMoE(model)  # its hooks, if still on
 
 
 def experts_per_token(model) -> int:
