@@ -162,12 +162,19 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def load_tokenizer(name: str = "byte"):
-    """`"byte"` for `ByteTokenizer`, otherwise `AutoTokenizer.from_pretrained(name)` (a path or a Hub name)."""
+    """`"byte"` for `ByteTokenizer`, otherwise `AutoTokenizer.from_pretrained(name)` (a path or a Hub name). A name
+    that can only be a path (absolute, relative with `.` / `~`, or with more than one `/`) and does not exist is a
+    `ValueError` naming it, not a Hub lookup."""
     if name == "byte":
         return ByteTokenizer()
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name)
+    path = Path(name).expanduser()
+    if not path.exists() and (name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name):
+        raise ValueError(
+            f"tokenizer={name!r}: no such file or folder; allowed 'byte', a tokenizer folder, or a Hub name (org/name)"
+        )
+    return AutoTokenizer.from_pretrained(str(path) if path.exists() else name)
 
 
 def tokenizer_vocab_size(tokenizer) -> int:
@@ -196,12 +203,11 @@ def load_local_corpus(folder: str | Path, text_field: str = "text", max_docs: in
         splits = {}
         for split in ("train", "test"):
             if (sub / f"{split}.jsonl").is_file():
-                ds = load_dataset("json", data_files=str(sub / f"{split}.jsonl"), split="train")
-                if text_field not in ds.column_names:
-                    raise ValueError(f"{sub / f'{split}.jsonl'} has no field {text_field!r}: fields {ds.column_names}")
-                splits[split] = ds[text_field][:max_docs]
+                splits[split] = read_jsonl(sub / f"{split}.jsonl", text_field, max_docs)
             elif (sub / split).is_dir() and any((sub / split).glob("*.txt")):
                 files = sorted(str(p) for p in (sub / split).glob("*.txt"))
+                for file in files:
+                    check_utf8(Path(file))
                 ds = load_dataset("text", data_files=files, sample_by="document", split="train")
                 splits[split] = ds["text"][:max_docs]
         if "train" in splits:
@@ -212,6 +218,41 @@ def load_local_corpus(folder: str | Path, text_field: str = "text", max_docs: in
             "or train/*.txt (+ test/*.txt)"
         )
     return corpus
+
+
+def check_utf8(path: Path) -> bytes:
+    """The file's bytes; `ValueError` naming the file, the line and the byte where it is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ValueError(
+            f"{path}: not UTF-8 at line {line} (byte {error.start}: {data[error.start : error.start + 1]!r}); "
+            "allowed UTF-8 text"
+        ) from None
+    return data
+
+
+def read_jsonl(path: Path, text_field: str = "text", max_docs: int | None = None) -> list[str]:
+    """The `text_field` of the first `max_docs` rows of a JSON-lines file (blank lines skipped); `ValueError` naming
+    the file and the line of a row that is not UTF-8, not JSON, not an object or without the field."""
+    texts = []
+    lines = check_utf8(path).decode("utf-8").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if max_docs is not None and len(texts) >= max_docs:
+            break
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: line {number} is not JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+            fields = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise ValueError(f"{path}: line {number} has no text field {text_field!r} (a string): got {fields}")
+        texts.append(row[text_field])
+    return texts
 
 
 def load_hub_corpus(

@@ -42,6 +42,14 @@ from .modeling_qwenmoe_gb import QwenMoeGBForCausalLM
 from .presets import load_preset
 from .trainer import QwenMoeGBTrainer, SwitchScopeCallback
 
+ARCHITECTURE_FLAGS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size")
+# the names a transformers MoE config uses for each architecture flag (`--model_config`)
+ARCHITECTURE_ALIASES = {
+    "num_experts": ("num_experts", "num_local_experts", "n_routed_experts"),
+    "num_experts_per_tok": ("num_experts_per_tok",),
+    "moe_intermediate_size": ("moe_intermediate_size",),
+    "shared_expert_intermediate_size": ("shared_expert_intermediate_size",),
+}
 PRETRAIN_DEFAULTS = [
     "--output_dir", "runs/pretrain",
     "--max_steps", "600",
@@ -99,10 +107,38 @@ class ModelArguments:
     )
     upcycle_recipe: str = field(default="copy", metadata={"help": "copy | segment", "choices": ["copy", "segment"]})
     upcycle_reinit_ratio: float = field(default=0.0, metadata={"help": "Drop-Upcycling re-initialised fraction"})
-    num_experts: int | None = field(default=None, metadata={"help": "with --upcycle_from: routed experts"})
-    num_experts_per_tok: int | None = field(default=None, metadata={"help": "with --upcycle_from: top-k"})
-    moe_intermediate_size: int | None = field(default=None, metadata={"help": "with --upcycle_from: expert width"})
-    shared_expert_intermediate_size: int = field(default=0, metadata={"help": "with --upcycle_from: shared width"})
+    num_experts: int | None = field(default=None, metadata={"help": "routed experts (a preset or --upcycle_from)"})
+    num_experts_per_tok: int | None = field(default=None, metadata={"help": "top-k (a preset or --upcycle_from)"})
+    moe_intermediate_size: int | None = field(default=None, metadata={"help": "expert width (preset / upcycle)"})
+    shared_expert_intermediate_size: int | None = field(
+        default=None, metadata={"help": "shared expert width, 0 = none (a preset or --upcycle_from; upcycling: 0)"}
+    )
+
+    def architecture(self) -> dict:
+        """The architecture flags given (`--num_experts`, ...): they shape a model built here (a preset, or
+        `--upcycle_from`); a checkpoint or a transformers config keeps its own shape, so there they are refused."""
+        given = {n: getattr(self, n) for n in ARCHITECTURE_FLAGS if getattr(self, n) is not None}
+        if given and self.model_name_or_path and not self.upcycle_from:
+            flags = ", ".join(f"--{n} {v}" for n, v in given.items())
+            raise ValueError(
+                f"{flags} is not allowed with --model_name_or_path: a checkpoint keeps its shape; the architecture "
+                "flags shape a model built here (--preset, --model_config, --upcycle_from)"
+            )
+        return given
+
+    def stock_architecture(self, config) -> dict:
+        """The architecture flags as fields of a transformers MoE config (`--model_config`): each under the name the
+        family uses; `ValueError` naming the flag where the config has no such field."""
+        fields = {}
+        for flag, value in self.architecture().items():
+            name = next((n for n in ARCHITECTURE_ALIASES[flag] if hasattr(config, n)), None)
+            if name is None:
+                raise ValueError(
+                    f"--{flag} {value} is not allowed with --model_config ({config.model_type}): its config has no "
+                    f"field {' / '.join(ARCHITECTURE_ALIASES[flag])} (--config_overrides sets the family's own fields)"
+                )
+            fields[name] = value
+        return fields
 
     def load_kwargs(self) -> dict:
         """`from_pretrained` / `from_config` kwargs of the model flags."""
@@ -235,7 +271,8 @@ def build_model(
             )
     elif model_args.model_config:
         options, overrides = model_args.stock_options()
-        config = AutoConfig.from_pretrained(model_args.model_config, **overrides)
+        shape = model_args.stock_architecture(AutoConfig.from_pretrained(model_args.model_config))
+        config = AutoConfig.from_pretrained(model_args.model_config, **overrides, **shape)  # derived fields follow
         if vocab > config.vocab_size:
             config.vocab_size = vocab
         if distributed_config is None:
@@ -261,7 +298,7 @@ def build_model(
         model.config.validate_balance()
         _check_vocab(data_args, vocab, model.config.vocab_size)
     else:
-        config = load_preset(model_args.preset, **model_args.balance_fields())
+        config = load_preset(model_args.preset, **{**model_args.architecture(), **model_args.balance_fields()})
         if vocab > config.vocab_size:
             config.vocab_size = vocab
         if distributed_config is None:
@@ -331,7 +368,7 @@ def upcycled_model(model_args: ModelArguments, load_kwargs: dict) -> QwenMoeGBFo
         raise ValueError(f"upcycle_from={model_args.upcycle_from!r} needs {', '.join('--' + n for n in missing)}")
     model = from_dense(
         model_args.upcycle_from, model_args.num_experts, model_args.num_experts_per_tok,
-        model_args.moe_intermediate_size, model_args.shared_expert_intermediate_size, model_args.upcycle_recipe,
+        model_args.moe_intermediate_size, model_args.shared_expert_intermediate_size or 0, model_args.upcycle_recipe,
         model_args.upcycle_reinit_ratio, **model_args.balance_fields(),
     )  # fmt: skip
     if not load_kwargs:
@@ -374,9 +411,48 @@ def describe_data(data_args: DataArguments, packed) -> str:
     )
 
 
+# (arguments, field, smallest allowed value, None allowed) of the numbers a run takes: checked before anything is built
+NUMBERS = (
+    ("data", "seq_len", 2, False), ("data", "synthetic_docs", 1, False), ("data", "eval_batch_size", 1, False),
+    ("data", "eval_max_sequences", 1, True), ("data", "max_docs_per_domain", 1, True),
+    ("data", "domain_chunk", 1, True),
+    ("train", "per_device_train_batch_size", 1, False), ("train", "gradient_accumulation_steps", 1, False),
+    ("train", "max_steps", 1, False), ("train", "learning_rate", 0.0, False), ("train", "warmup_steps", 0.0, False),
+    ("train", "weight_decay", 0.0, False), ("train", "max_grad_norm", 0.0, True),
+    ("model", "router_aux_loss_coef", 0.0, False), ("model", "micro_balance_coef", 0.0, False),
+    ("model", "device_balance_coef", 0.0, False), ("model", "router_z_loss_coef", 0.0, False),
+    ("model", "aux_free_bias_update_rate", 0.0, False), ("model", "balance_group_size", 1, True),
+    ("model", "balance_sync_group_size", 1, True), ("model", "switch_scope_at", 0, True),
+    ("model", "upcycle_reinit_ratio", 0.0, False), ("model", "num_experts", 1, True),
+    ("model", "num_experts_per_tok", 1, True), ("model", "moe_intermediate_size", 1, True),
+    ("model", "shared_expert_intermediate_size", 0, True),
+)  # fmt: skip
+
+
+def check_numbers(model_args: ModelArguments, data_args: DataArguments, train_args: TrainingArguments) -> None:
+    """`ValueError` naming the flag, the value and what is allowed for a number a run cannot use (a negative
+    sequence length, zero steps, a negative coefficient, ...), before any tokenizer, data or model is loaded."""
+    groups = {"model": model_args, "data": data_args, "train": train_args}
+    for group, name, minimum, optional in NUMBERS:
+        value = getattr(groups[group], name)
+        if value is None and optional:
+            continue
+        integer = isinstance(minimum, int)
+        kind = "an integer" if integer else "a number"
+        wrong_type = isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
+        if wrong_type or value != value or value < minimum:
+            raise ValueError(f"{name}={value!r} is not allowed: {kind} >= {minimum} is required")
+    if not model_args.upcycle_reinit_ratio <= 1.0:
+        raise ValueError(
+            f"upcycle_reinit_ratio={model_args.upcycle_reinit_ratio!r} is not allowed: a number in [0, 1] is required"
+        )
+
+
 def pretrain(argv: list[str]) -> dict:
     parser = HfArgumentParser((ModelArguments, DataArguments, ParallelArguments, TrainingArguments))
     model_args, data_args, parallel_args, train_args = parser.parse_args_into_dataclasses(args=PRETRAIN_DEFAULTS + argv)
+    check_numbers(model_args, data_args, train_args)
+    model_args.architecture()  # the architecture flags apply to this start, or are refused now
     num_experts = _num_experts(model_args)
     distributed_config = parallel_args.distributed_config(train_args.world_size, num_experts, train_args.use_cpu)
     set_seed(train_args.seed)
@@ -447,7 +523,7 @@ def _num_experts(model_args: ModelArguments) -> int:
         names = ("num_experts", "num_local_experts", "n_routed_experts")
         return next((v for n in names if isinstance(v := getattr(config, n, None), int)), 1)
     overrides = json.loads(model_args.config_overrides) if model_args.config_overrides else {}
-    return overrides.get("num_experts", load_preset(model_args.preset).num_experts)
+    return model_args.num_experts or overrides.get("num_experts", load_preset(model_args.preset).num_experts)
 
 
 __all__ = [

@@ -12,6 +12,7 @@ from modeling_qwenmoe_gb.data import (
     ByteTokenizer,
     DomainBatchSampler,
     load_corpus,
+    load_tokenizer,
     pack_corpus,
     pack_documents,
     parse_weights,
@@ -121,9 +122,28 @@ def test_bad_data_folders_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match="is not a folder"):
         load_corpus(str(tmp_path / "missing"))
     (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "train.jsonl").write_text(json.dumps({"body": "x"}))
-    with pytest.raises(ValueError, match="has no field 'text'"):
+    train = tmp_path / "d" / "train.jsonl"
+    train.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"body": "x"}))
+    with pytest.raises(ValueError, match=r"train.jsonl: line 2 has no text field 'text' \(a string\): got \['body'\]"):
         load_corpus(str(tmp_path))
+    train.write_bytes(b'{"text": "ok"}\n\n{"text": "caf\xe9"}\n')  # Latin-1, not UTF-8
+    with pytest.raises(ValueError, match=r"train.jsonl: not UTF-8 at line 3 \(byte 29"):
+        load_corpus(str(tmp_path))
+    train.write_text('{"text": "ok"}\n{"text": "unterminated}\n')
+    with pytest.raises(ValueError, match="train.jsonl: line 2 is not JSON"):
+        load_corpus(str(tmp_path))
+    train.unlink()
+    (tmp_path / "d" / "train").mkdir()
+    (tmp_path / "d" / "train" / "a.txt").write_bytes(b"fine\nbad \xff\n")
+    with pytest.raises(ValueError, match=r"a.txt: not UTF-8 at line 2"):
+        load_corpus(str(tmp_path))
+
+
+def test_a_tokenizer_path_that_does_not_exist_is_named(tmp_path):
+    with pytest.raises(ValueError, match="tokenizer='/nonexistent': no such file or folder"):
+        load_tokenizer("/nonexistent")
+    with pytest.raises(ValueError, match="no such file or folder"):
+        load_tokenizer(str(tmp_path / "nope" / "tok"))
 
 
 def test_sampler_rejects_small_domains():
