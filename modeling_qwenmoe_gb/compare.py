@@ -13,6 +13,8 @@ Features
   rank 0 writes the report. Under EP the report adds the load over devices: MaxVio over the EP ranks from the global
   counts and from what the all-to-all delivered.
 - Several seeds per arm, reported as mean ± standard deviation; the difference from `micro` per seed.
+- A rerun of an interrupted compare keeps the finished arms and resumes the interrupted one from its newest complete
+  checkpoint (`--overwrite_output_dir true` runs everything again).
 - A markdown report (per-domain and average PPL, Δ vs micro, specialization KL, max expert frequency, MaxVio global and
   micro during training) and PNGs: PPL against balance BSZ (Figure 2), micro vs global heatmaps (Figure 1b), LBL and
   CE curves (Figure 3).
@@ -105,6 +107,22 @@ def _fmt(values: list[float], digits: int = 3) -> str:
 def _training_mean(history: list[dict], key: str) -> float:
     values = [h[key] for h in history if key in h]
     return statistics.fmean(values) if values else float("nan")
+
+
+RUN_FILES = ("eval.json", "specialization.json", "log_history.json")
+
+
+def _finished(run_dir: Path, rest: list[str]) -> bool:
+    """The arm's run is already done (a rerun of an interrupted compare keeps it), unless `--overwrite_output_dir
+    true` asks to run it again."""
+    overwrite = False
+    if "--overwrite_output_dir" in rest:  # a bare flag is True, as HfArgumentParser reads it
+        value = rest[rest.index("--overwrite_output_dir") + 1 :][:1]
+        overwrite = not value or value[0].lower() not in ("false", "0", "no")
+    done = all((run_dir / name).is_file() for name in RUN_FILES)
+    if done and not overwrite:
+        print(f"{run_dir}: finished by an earlier run, kept (--overwrite_output_dir true runs it again)")
+    return done and not overwrite
 
 
 def collect(run_dir: Path) -> dict:
@@ -275,8 +293,8 @@ def compare(argv: list[str]) -> dict:
         for seed in seeds:
             run_dir = out / arm.replace(">", "").replace("+", "_plus_") / f"seed{seed}"
             common = ["--domain_chunk", str(args.domain_chunk), "--seed", str(seed), "--output_dir", str(run_dir)]
-            if not args.report_only:
-                pretrain(rest + flags[arm] + common)
+            if not args.report_only and not _finished(run_dir, rest):
+                pretrain(rest + flags[arm] + common)  # an interrupted arm resumes from its newest checkpoint
             if main_process:  # rank 0 writes the run's files; the other ranks go on to the next run
                 runs.setdefault(arm, {})[seed] = collect(run_dir)
     if not main_process:

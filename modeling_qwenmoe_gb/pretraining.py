@@ -11,6 +11,9 @@ Features
   reads (Qwen2/3-MoE, OLMoE, Mixtral, GPT-OSS, DeepSeek-V3, GLM-4.5, ...), trained as it is: its own class, the
   balance flags given to the trainer, the saved folder a checkpoint of that class (`--convert_to_qwenmoe_gb` trains a
   Qwen2/3-MoE as a QwenMoE-GB model instead).
+- Crash-safe: a rerun of the same command resumes from the newest complete checkpoint in `--output_dir`
+  (`--resume_from_checkpoint auto|none|PATH`, `checkpoints.resolve_resume`); an earlier run's checkpoints or finished
+  model are never overwritten without `--overwrite_output_dir true`.
 - `pretrain(argv)`: train with `QwenMoeGBTrainer` on domain-pure micro-batches, save, evaluate per domain, analyse
   expert specialization and write the model card. Runs unchanged under `accelerate launch` / `torchrun`.
 """
@@ -25,6 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser, Tra
 
 from . import analysis
 from .any_moe import BALANCE_OPTIONS, StockMoE
+from .checkpoints import resolve_resume
 from .convert import TRANSFORMERS_UNITS, from_dense, qwen_moe_config
 from .data import (
     ByteTokenizer,
@@ -201,6 +205,17 @@ class DataArguments:
             domain_column=self.domain_column,
             max_docs=self.max_docs_per_domain,
         )
+
+
+@dataclass
+class RunArguments:
+    """Where the run writes, and what an existing output folder means (`TrainingArguments.resume_from_checkpoint`
+    takes `auto` (the default when unset), `none` or a checkpoint folder: `checkpoints.resolve_resume`)."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "start over in an output_dir that holds an earlier run (its checkpoints may be rotated out)"},
+    )
 
 
 @dataclass
@@ -449,10 +464,14 @@ def check_numbers(model_args: ModelArguments, data_args: DataArguments, train_ar
 
 
 def pretrain(argv: list[str]) -> dict:
-    parser = HfArgumentParser((ModelArguments, DataArguments, ParallelArguments, TrainingArguments))
-    model_args, data_args, parallel_args, train_args = parser.parse_args_into_dataclasses(args=PRETRAIN_DEFAULTS + argv)
+    parser = HfArgumentParser((ModelArguments, DataArguments, ParallelArguments, RunArguments, TrainingArguments))
+    parsed = parser.parse_args_into_dataclasses(args=PRETRAIN_DEFAULTS + argv)
+    model_args, data_args, parallel_args, run_args, train_args = parsed
     check_numbers(model_args, data_args, train_args)
     model_args.architecture()  # the architecture flags apply to this start, or are refused now
+    train_args.resume_from_checkpoint = resolve_resume(
+        train_args.output_dir, train_args.resume_from_checkpoint, run_args.overwrite_output_dir
+    )  # the newest complete checkpoint of output_dir by default; nothing an earlier run wrote is lost
     num_experts = _num_experts(model_args)
     distributed_config = parallel_args.distributed_config(train_args.world_size, num_experts, train_args.use_cpu)
     set_seed(train_args.seed)
@@ -531,6 +550,7 @@ __all__ = [
     "DataArguments",
     "ModelArguments",
     "ParallelArguments",
+    "RunArguments",
     "build_model",
     "evaluate_and_analyze",
     "load_trained",
