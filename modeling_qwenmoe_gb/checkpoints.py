@@ -29,7 +29,9 @@ logger = get_logger(__name__)
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 RESUME_MODES = ("auto", "none")
-FINISHED_RUN_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "eval.json")
+FINISHED_RUN_FILES = (
+    "config.json", "model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "eval.json"
+)  # fmt: skip
 
 
 def safetensors_problem(path: Path) -> str | None:

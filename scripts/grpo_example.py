@@ -20,12 +20,14 @@ import torch
 from transformers import AutoTokenizer, HfArgumentParser
 from trl import GRPOConfig
 
+from modeling_qwenmoe_gb.checkpoints import resolve_resume
 from modeling_qwenmoe_gb.convert import from_qwen_moe
 from modeling_qwenmoe_gb.rl import ROUTING_REPLAY_MODES, QwenMoeGBGRPOTrainer, addition_prompts, sum_reward
 
 
 @dataclass
 class ExampleArguments:
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "start over in an output_dir with a run"})
     model: str = field(default="runs/pretrain", metadata={"help": "QwenMoE-GB or Qwen MoE checkpoint (path or name)"})
     routing_replay: str = field(default="rollout", metadata={"choices": list(ROUTING_REPLAY_MODES)})
     router_dtype: str = field(default="auto", metadata={"help": "auto | float32 (the router linear in fp32)"})
@@ -46,7 +48,11 @@ def main(argv: list[str]) -> dict:
                                    train_dataset=addition_prompts(example.num_prompts, config.seed),
                                    processing_class=AutoTokenizer.from_pretrained(example.model),
                                    routing_replay=example.routing_replay)  # fmt: skip
-    trainer.train()
+    trainer.train(
+        resume_from_checkpoint=resolve_resume(
+            config.output_dir, config.resume_from_checkpoint, example.overwrite_output_dir
+        )
+    )  # auto: the newest complete one
     trainer.save_model(config.output_dir)
     logs = [h for h in trainer.state.log_history if "reward" in h]
     print(f"reward: first log {logs[0]['reward']:.3f}, last log {logs[-1]['reward']:.3f}")

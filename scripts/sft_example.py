@@ -22,6 +22,7 @@ from datasets import Dataset, load_dataset
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 from trl import SFTConfig
 
+from modeling_qwenmoe_gb.checkpoints import resolve_resume
 from modeling_qwenmoe_gb.convert import EXPORT_TARGETS, export_qwen_moe, from_qwen_moe
 from modeling_qwenmoe_gb.data import ByteTokenizer, synthetic_corpus
 from modeling_qwenmoe_gb.sft import QwenMoeGBSFTTrainer, lora_config
@@ -31,6 +32,7 @@ QWEN_TYPES = ("qwenmoe_gb", "qwen2_moe", "qwen3_moe")
 
 @dataclass
 class ExampleArguments:
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "start over in an output_dir with a run"})
     model: str = field(default="runs/pretrain", metadata={"help": "QwenMoE-GB or any transformers MoE (path or name)"})
     data: str | None = field(default=None, metadata={"help": "jsonl with prompt/completion (default: arithmetic)"})
     balance_scope: str = field(default="global", metadata={"help": "micro | global | sequence"})
@@ -73,7 +75,11 @@ def main() -> None:
         model.print_trainable_parameters()
     data = load_dataset("json", data_files=example.data, split="train") if example.data else arithmetic_pairs()
     trainer = QwenMoeGBSFTTrainer(model=model, args=sft_args, train_dataset=data, processing_class=tokenizer, **balance)
-    trainer.train()
+    trainer.train(
+        resume_from_checkpoint=resolve_resume(
+            sft_args.output_dir, sft_args.resume_from_checkpoint, example.overwrite_output_dir
+        )
+    )  # auto: the newest complete one
     trainer.save_model()
     if example.export:
         trained = model.merge_and_unload() if example.lora else model  # LoRA folded into the weights
