@@ -4,8 +4,12 @@ FLOOR := $(shell sed -n 's/.*"transformers>=\([0-9.]*\).*/\1/p' setup.py)
 FLOOR_VENV ?= $(or $(TMPDIR),/tmp)/qwenmoe-gb-floor-venv
 # vLLM and llama.cpp, each from the registry in its own venv (scripts/serving/setup_venvs.sh)
 SERVING_DIR ?= $(or $(TMPDIR),/tmp)/qwenmoe-gb-serving
+# lm-evaluation-harness from the registry in its own venv (its pins clash with constraints.txt); torch, transformers
+# and this package come from PY's environment
+LMEVAL_VENV ?= $(or $(TMPDIR),/tmp)/qwenmoe-gb-lmeval-venv
+LMEVAL := lm_eval==0.4.13
 
-.PHONY: install install-newest lint format test test-floor check ci demo serving-venvs test-serving
+.PHONY: install install-newest lint format test test-floor check ci demo serving-venvs test-serving lmeval-venv test-lmeval
 
 install:  ## the tested versions (constraints.txt)
 	$(PY) -m pip install torch==2.13.0
@@ -45,9 +49,16 @@ test-serving: serving-venvs  ## the real engines serve our checkpoints and expor
 	$(PY) -m pytest -m serving -q -rA tests/test_serving.py
 	cat $(SERVING_DIR)/report.json
 
+lmeval-venv:  ## lm_eval in its own venv at $(LMEVAL_VENV)
+	$(LMEVAL_VENV)/bin/python -c "import lm_eval" 2>/dev/null || \
+		($(PY) -m venv --system-site-packages $(LMEVAL_VENV) && $(LMEVAL_VENV)/bin/python -m pip install -q "$(LMEVAL)")
+
+test-lmeval: lmeval-venv  ## lm-eval's command line and `evaluate --lm_eval_tasks` on our folders (tests/test_lm_eval.py)
+	QWENMOE_GB_LMEVAL_PYTHON=$(LMEVAL_VENV)/bin/python $(PY) -m pytest -m lm_eval -q -rA tests/test_lm_eval.py
+
 check: lint test
 
-ci: install-newest check test-serving test-floor
+ci: install-newest check test-serving test-lmeval test-floor
 
 demo:
 	qwenmoe-gb pretrain

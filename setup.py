@@ -36,6 +36,7 @@ setup(
     extras_require={
         "sft": ["trl>=1.0", "peft>=0.17"],
         "rl": ["trl>=1.16"],
+        "lm-eval": ["lm_eval>=0.4.13"],
         "dev": ["pytest>=8", "ruff>=0.6", "tensorboard>=2.15", "trl>=1.16", "peft>=0.17"],
     },
     entry_points={"console_scripts": ["qwenmoe-gb=modeling_qwenmoe_gb.cli:main"]},

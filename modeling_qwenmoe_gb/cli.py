@@ -1,7 +1,7 @@
 """`qwenmoe-gb`: pretrain, evaluate, analyze, compare, benchmark and push QwenMoE-GB models.
 
     qwenmoe-gb pretrain [TrainingArguments flags] [model flags] [data flags]   # train → evaluate → analyze → card
-    qwenmoe-gb evaluate --model DIR [data flags]                               # per-domain perplexity
+    qwenmoe-gb evaluate --model DIR [data flags] [--lm_eval_tasks T1,T2]      # perplexity (+ lm-eval benchmarks)
     qwenmoe-gb analyze  --model DIR [data flags]                               # expert specialization + plots
     qwenmoe-gb compare  [compare flags]                                        # micro vs global arms (reproduction)
     qwenmoe-gb bench    [benchmark flags]                                      # = scripts/benchmark.py
@@ -38,6 +38,18 @@ class ModelPathArguments:
 
 
 @dataclass
+class LmEvalArguments:
+    lm_eval_tasks: str | None = field(
+        default=None, metadata={"help": "comma-separated lm-evaluation-harness tasks to run too (the lm-eval extra)"}
+    )
+    lm_eval_include_path: str | None = field(default=None, metadata={"help": "folder of local lm-eval task YAMLs"})
+    lm_eval_num_fewshot: int | None = field(default=None, metadata={"help": "few-shot examples (task default)"})
+    lm_eval_limit: float | None = field(default=None, metadata={"help": "documents per task (or a fraction)"})
+    lm_eval_batch_size: int = field(default=8, metadata={"help": "lm-eval batch size"})
+    lm_eval_device: str | None = field(default=None, metadata={"help": "cpu (default), cuda, cuda:0, ..."})
+
+
+@dataclass
 class PushArguments:
     model: str = field(default="runs/pretrain", metadata={"help": "checkpoint folder to upload"})
     repo_id: str = field(default="", metadata={"help": "Hub repository, e.g. user/qwenmoe-gb-tiny"})
@@ -64,9 +76,9 @@ class ExportArguments:
 # ----------------------------------------------------------------------------------------- commands
 
 
-def _load_for_eval(argv: list[str]):
-    parser = HfArgumentParser((ModelPathArguments, DataArguments))
-    path_args, data_args = parser.parse_args_into_dataclasses(args=argv)
+def _load_for_eval(argv: list[str], extra: tuple = ()):
+    parser = HfArgumentParser((ModelPathArguments, DataArguments, *extra))
+    path_args, data_args, *rest = parser.parse_args_into_dataclasses(args=argv)
     info = Path(path_args.model) / "data_info.json"
     if info.is_file() and "--data" not in argv:  # same data and tokenizer as the training run by default
         recorded = json.loads(info.read_text())
@@ -74,16 +86,29 @@ def _load_for_eval(argv: list[str]):
     model = load_trained(path_args.model)  # QwenMoE-GB, or the transformers MoE it was trained as
     tokenizer = load_tokenizer(data_args.tokenizer)
     test = pack_corpus(data_args.corpus(), tokenizer, data_args.seq_len, "test")
-    return model, test, Path(path_args.out or path_args.model), data_args
+    return model, test, Path(path_args.out or path_args.model), data_args, *rest
 
 
 def evaluate_cmd(argv: list[str]) -> dict:
-    model, test, out_dir, data_args = _load_for_eval(argv)
+    model, test, out_dir, data_args, lm_args = _load_for_eval(argv, (LmEvalArguments,))
     routed = analysis.route_domains(model, test, data_args.eval_batch_size, data_args.eval_max_sequences)
     report = analysis.perplexity_report(routed)
     out_dir.mkdir(parents=True, exist_ok=True)
     analysis.write_json(report, out_dir / "eval.json")
     print(analysis.format_ppl_table(report))
+    if lm_args.lm_eval_tasks:  # lm-evaluation-harness on the saved folder; its metrics go into the card too
+        from .hub import add_eval_results
+        from .lm_harness import card_results, run_lm_eval
+
+        tasks = [t for t in lm_args.lm_eval_tasks.split(",") if t]
+        folder = Path(model.name_or_path)  # the folder the model was loaded from
+        limit = lm_args.lm_eval_limit
+        limit = int(limit) if limit is not None and limit >= 1 else limit
+        lm_report = run_lm_eval(folder, tasks, lm_args.lm_eval_include_path, lm_args.lm_eval_num_fewshot, limit,
+                                lm_args.lm_eval_batch_size, lm_args.lm_eval_device)  # fmt: skip
+        add_eval_results(folder, card_results(lm_report))
+        print(json.dumps(lm_report["results"], indent=2))
+        report["lm_eval"] = lm_report["results"]
     return report
 
 

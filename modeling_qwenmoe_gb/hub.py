@@ -243,6 +243,23 @@ def _lineage(base_model: str | None, relation: str | None, source: str | None) -
     return f"Trained from the local checkpoint `{source}`." if source else ""
 
 
+def add_eval_results(folder: str | Path, results: list[EvalResult]) -> ModelCard | None:
+    """Put `results` in the folder's model card (`model-index`), replacing results of the same metric name; None
+    when the folder has no card."""
+    path = Path(folder) / "README.md"
+    if not path.is_file():
+        return None
+    card = ModelCard.load(path)
+    names = {r.metric_name for r in results}
+    kept = [r for r in card.data.eval_results or [] if r.metric_name not in names]
+    card.data.eval_results = kept + list(results)
+    card.data.model_name = card.data.model_name or Path(folder).name
+    if card.data.metrics is not None or results:
+        card.data.metrics = sorted({*(card.data.metrics or []), *(r.metric_type for r in results)})
+    card.save(path)
+    return card
+
+
 HUB_FILES = ("config.json", "configuration_qwenmoe_gb.py", "modeling_qwenmoe_gb.py", "README.md")
 STOCK_FILES = ("config.json", "README.md")
 
