@@ -51,3 +51,15 @@ def test_unknown_arm_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="unknown arm 'sideways'"):
         compare(["--out", str(tmp_path), "--arms", "micro,sideways", *TINY])
     assert not any(tmp_path.iterdir())
+
+
+def test_a_rerun_keeps_finished_arms_and_overwrite_runs_them_again(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    flags = ["--out", str(out), "--arms", "micro", "--seeds", "0", *TINY]
+    compare(flags)
+    model = out / "micro" / "seed0" / "model.safetensors"
+    written = model.stat().st_mtime_ns
+    compare(flags)  # an interrupted compare's rerun: the finished arm is kept, not trained again
+    assert model.stat().st_mtime_ns == written and "finished by an earlier run, kept" in capsys.readouterr().out
+    compare([*flags, "--overwrite_output_dir", "true"])
+    assert model.stat().st_mtime_ns != written
