@@ -8,6 +8,7 @@ Features
   `router_scoring_func` (softmax / sigmoid).
 - `router_dtype`: the router linear in the model dtype or in fp32 under bf16/fp16 (a source of routing mismatch
   between generation and training in RL, see `routed_experts` on the model's forward).
+- `moe_recompute`: MoE-aware selective recompute (the experts' activation, the experts, or the whole MoE block).
 - `loss_implementation`: the chunked LM-head + cross-entropy loss (no (T, V) logits in training), Liger-Kernel's
   fused one on CUDA, or transformers' one.
 - `num_params()` / `num_active_params()`: parameter counts from the config alone.
@@ -21,6 +22,7 @@ BALANCE_SCOPES = ("micro", "global", "sequence")
 ROUTER_SCORING_FUNCS = ("softmax", "sigmoid")
 LOSS_IMPLEMENTATIONS = ("chunked", "full", "liger")
 ROUTER_DTYPES = ("auto", "float32")
+MOE_RECOMPUTE = ("none", "expert_act", "experts", "moe")
 
 
 class QwenMoeGBConfig(Qwen2MoeConfig):
@@ -72,6 +74,16 @@ class QwenMoeGBConfig(Qwen2MoeConfig):
             in fp32 from upcast hidden states and weights, outside autocast, whatever the model dtype. The scores
             (softmax / sigmoid) and top-k are fp32 either way. In RL, a low-precision router linear makes generation
             and training select different experts for near-tied tokens.
+        moe_recompute (`str`, *optional*, defaults to `"none"`):
+            What the sparse MoE layers recompute in backward instead of keeping for it (training with grad only):
+            - `"none"`: keep everything (whole-layer `gradient_checkpointing` is the separate transformers option);
+            - `"expert_act"`: the experts' activation (`act(gate) · up`) and every other op of the experts but the
+              projections (gate weighting, token gathers / scatters); the projections' outputs are kept, so no
+              matmul runs twice (torch's selective activation checkpointing);
+            - `"experts"`: the whole expert computation (gate_up, activation, down), from the kept routing;
+            - `"moe"`: the whole MoE block, router and shared expert included. The routing and the router statistics
+              are the forward's, computed once (the recomputed router is the same deterministic function of the same
+              input); gradients equal the unrecomputed step's.
         loss_implementation (`str`, *optional*, defaults to `"chunked"`):
             How training computes the language-model loss: `"chunked"` (the LM head and cross-entropy over chunks of
             tokens from the hidden states, forward and backward, so the (T, V) logits never exist; `logits` is None
@@ -101,6 +113,7 @@ class QwenMoeGBConfig(Qwen2MoeConfig):
     aux_free_bias_update_rate: float = 0.001
     router_scoring_func: str = "softmax"
     router_dtype: str = "auto"
+    moe_recompute: str = "none"
     loss_implementation: str = "chunked"
     loss_chunk_size: int | None = None
     use_qk_norm: bool = False
@@ -123,6 +136,8 @@ class QwenMoeGBConfig(Qwen2MoeConfig):
             )
         if self.router_dtype not in ROUTER_DTYPES:
             raise ValueError(f"router_dtype={self.router_dtype!r} is unknown: allowed {list(ROUTER_DTYPES)}")
+        if self.moe_recompute not in MOE_RECOMPUTE:
+            raise ValueError(f"moe_recompute={self.moe_recompute!r} is unknown: allowed {list(MOE_RECOMPUTE)}")
         if self.loss_implementation not in LOSS_IMPLEMENTATIONS:
             raise ValueError(
                 f"loss_implementation={self.loss_implementation!r} is unknown: allowed {list(LOSS_IMPLEMENTATIONS)}"
@@ -253,6 +268,7 @@ __all__ = [
     "BALANCE_COEFFICIENTS",
     "BALANCE_SCOPES",
     "LOSS_IMPLEMENTATIONS",
+    "MOE_RECOMPUTE",
     "ROUTER_SCORING_FUNCS",
     "expert_partition",
     "validate_balance_fields",

@@ -12,6 +12,8 @@ Features
   `balance_loss` that combines them for a config at micro, sequence or global scope.
 - `QwenMoeGBForCausalLM.forward(labels=...)` returns CE + the micro-scope balance losses while training, so the model
   works in any loop; the global scope is added by the trainer (`modeling_qwenmoe_gb.balance`).
+- MoE-aware selective recompute (`config.moe_recompute`): the experts' activation (selective checkpointing: no
+  matmul twice), the experts, or the whole MoE block, with the routing and the router statistics of the forward.
 - Chunked LM-head + cross-entropy in training (`chunked_linear_cross_entropy`): no (T, V) logits, forward or backward;
   Liger-Kernel's fused linear cross-entropy instead with `loss_implementation="liger"` where it runs (CUDA).
 - Native transformers conventions: the KV cache under the installed version's name (`cache` from transformers 5.24,
@@ -32,6 +34,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.conversion_mapping import (
@@ -455,6 +458,33 @@ class QwenMoeGBTopKRouter(nn.Module):
         return router_logits, top_k_weights.to(weights_dtype), top_k_index, probs
 
 
+# `moe_recompute="expert_act"` keeps the outputs of the experts' projections (the matmuls) and recomputes in backward
+# every other op of the experts: the activation `act(gate) · up`, the gate weighting, the gathers and scatters of the
+# tokens (cheap, and what they save is what the activations cost). No matmul runs twice.
+_KEPT_MATMULS = {
+    torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+    torch.ops.aten.baddbmm.default, torch.ops.aten._grouped_mm.default,
+}  # fmt: skip
+
+
+def _keep_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _KEPT_MATMULS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _expert_act_contexts():
+    return create_selective_checkpoint_contexts(_keep_matmuls)
+
+
+def recompute(mode: str, function, *args):
+    """`function(*args)` whose activations are recomputed in backward as `moe_recompute=mode` says: `"expert_act"`
+    all but the matmuls (selective checkpointing), anything else everything (a plain non-reentrant
+    checkpoint). Without grad, a plain call."""
+    if not torch.is_grad_enabled():
+        return function(*args)
+    contexts = {"context_fn": _expert_act_contexts} if mode == "expert_act" else {}
+    return checkpoint(function, *args, use_reentrant=False, **contexts)
+
+
 @use_experts_implementation
 class QwenMoeGBExperts(Qwen2MoeExperts):
     """transformers' fused Qwen2-MoE experts: gate_up_proj (E, 2I, D), down_proj (E, D, I); the forward dispatches on
@@ -480,7 +510,11 @@ class QwenMoeGBSparseMoeBlock(nn.Module):
         flat = hidden_states.view(-1, hidden)  # (T, D)
         replay = None if routed_experts is None else routed_experts.reshape(-1, routed_experts.shape[-1])  # (T, K)
         router_logits, top_k_weights, top_k_index, probs = self.gate(flat, replay)
-        out = self.experts(flat, top_k_index, top_k_weights)  # (T, D)
+        mode = self.config.moe_recompute if self.training else "none"
+        if mode in ("expert_act", "experts"):  # recomputed in backward from the kept routing
+            out = recompute(mode, self.experts, flat, top_k_index, top_k_weights)  # (T, D)
+        else:
+            out = self.experts(flat, top_k_index, top_k_weights)  # (T, D)
         if self.shared_expert is not None:
             out = out + F.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
         return out.view(batch, seq, hidden), (router_logits, probs, top_k_index)  # (B, S, D), the routing
@@ -528,7 +562,9 @@ class QwenMoeGBDecoderLayer(GradientCheckpointingLayer):
         residual = hidden_states
         hidden_states = self.post_attention_layernorm(hidden_states)
         routing = None
-        if isinstance(self.mlp, QwenMoeGBSparseMoeBlock):
+        if isinstance(self.mlp, QwenMoeGBSparseMoeBlock) and self.training and self.mlp.config.moe_recompute == "moe":
+            hidden_states, routing = recompute("moe", self.mlp, hidden_states, routed_experts)  # routing: outputs
+        elif isinstance(self.mlp, QwenMoeGBSparseMoeBlock):
             hidden_states, routing = self.mlp(hidden_states, routed_experts)
         else:
             hidden_states = self.mlp(hidden_states)

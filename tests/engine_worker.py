@@ -30,6 +30,10 @@ STEPS = {
     "dp_replicate2_global": ({"dp_replicate_size": 2}, "global", 1, True, None),
     "tp2_global": ({"tp_size": 2}, "global", 1, False, None),
     "fsdp2_ep2_device_ep": ({"fsdp_size": 2, "ep_size": 2, **COUNTED}, "global", 2, True, "ep"),
+    # MoE-aware recompute under FSDP2 + EP (the recomputed experts run their all-to-all again in backward)
+    "fsdp2_ep2_recompute_experts": ({"fsdp_size": 2, "ep_size": 2}, "global", 2, True, None, "experts"),
+    "fsdp2_ep2_recompute_moe": ({"fsdp_size": 2, "ep_size": 2}, "global", 2, True, None, "moe"),
+    "fsdp2_ep2_recompute_expert_act": ({"fsdp_size": 2, "ep_size": 2}, "global", 2, True, None, "expert_act"),
 }
 # run with 4 processes (`... engine_worker.py OUT four`): HSDP (2 replicas × FSDP2) with EP over each replica's 2 ranks
 FOUR_PROCESS_STEPS = {
@@ -55,8 +59,9 @@ def load(out: Path, sizes: dict, **config) -> QwenMoeGBForCausalLM:
 
 def engine_step(out: Path, rank: int, name: str) -> None:
     """One optimizer step of a plain loop with the balancer: counts buffer per micro-step, gradients, aux-free bias."""
-    sizes, scope, accumulation, distinct, groups = {**STEPS, **FOUR_PROCESS_STEPS}[name]
-    model = load(out, sizes, balance_scope=scope, device_balance_groups=groups).train()
+    sizes, scope, accumulation, distinct, groups, *recompute = {**STEPS, **FOUR_PROCESS_STEPS}[name]
+    extra = {"moe_recompute": recompute[0]} if recompute else {}
+    model = load(out, sizes, balance_scope=scope, device_balance_groups=groups, **extra).train()
     balancer = GlobalBalancer(model)
     buffers = []
     for micro in range(accumulation):
