@@ -32,11 +32,13 @@ import transformers
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .balance import GlobalBalancer
-from .configuration_qwenmoe_gb import QwenMoeGBConfig
+from .configuration_qwenmoe_gb import MOE_RECOMPUTE, QwenMoeGBConfig
 from .modeling_qwenmoe_gb import QwenMoeGBForCausalLM
 from .presets import load_preset
 
 COMPILE_MODES = ("none", "layers", "model")
+ARM_BASES = ("micro", "global", "transformers-qwen2", "transformers-qwen3")
+ARM_MODIFIERS = ("auxfree", "gc", *(m for m in MOE_RECOMPUTE if m != "none"))  # e.g. global+experts, global+gc
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
@@ -78,6 +80,8 @@ class Result:
     ops_per_step: int | None = None  # eager: ATen ops of forward + balance loss + backward + balancer step; compiled
     # (`model`): kernel launches of the generated graphs + the ops left eager
     saved_mib: float | None = None  # activations saved for backward + router tensors the output keeps
+    kept_mib: float | None = None  # activations alive when backward starts (MemTracker: saved + recompute caches)
+    max_batch_in_budget: int | None = None  # the most sequences whose peak fits the budget arm's peak (measured)
     collective_us: float | None = None  # the balancer's collective alone: all-reduce of the (L, E) int64 counts
 
 
@@ -103,11 +107,18 @@ def build(
 ):
     """(model, balancer or None) for one benchmark arm; every arm loads the same weights. `compiled`: `layers` puts
     each decoder layer through `torch.compile`, `model` the whole model (ours and transformers' alike)."""
-    if name.startswith("transformers-"):
-        model = reference_model(name.split("-")[1], config)
+    base, *modifiers = name.split("+")
+    unknown = [m for m in modifiers if m not in ARM_MODIFIERS or (base.startswith("transformers-") and m != "gc")]
+    if base not in ARM_BASES or unknown:
+        raise ValueError(
+            f"arm {name!r} is unknown: allowed {list(ARM_BASES)} with +{'/+'.join(ARM_MODIFIERS)} (ours) or +gc "
+            "(transformers)"
+        )
+    if base.startswith("transformers-"):
+        model = reference_model(base.split("-")[1], config)
     else:
-        overrides = {"micro": {"balance_scope": "micro"}, "global": {"balance_scope": "global"},
-                     "global+auxfree": {"balance_scope": "global", "aux_free": True}}[name]  # fmt: skip
+        overrides = {"balance_scope": base, "aux_free": "auxfree" in modifiers}
+        overrides["moe_recompute"] = next((m for m in modifiers if m in MOE_RECOMPUTE), "none")
         model = QwenMoeGBForCausalLM(QwenMoeGBConfig(**{**config.to_dict(), **overrides}))
     if state is not None:
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -115,13 +126,15 @@ def build(
             raise ValueError(f"{name}: weights differ from QwenMoE-GB's: missing {missing}, unexpected {unexpected}")
     model.set_experts_implementation(impl)
     model.to(device=device, dtype=dtype).train()
+    if "gc" in modifiers:  # transformers' whole-layer gradient checkpointing (non-reentrant)
+        model.gradient_checkpointing_enable()
     if compiled == "layers":
         compile_decoder_layers(model)
     elif compiled == "model":
         model = torch.compile(model)
     elif compiled != "none":
         raise ValueError(f"compile={compiled!r} is unknown: allowed {list(COMPILE_MODES)}")
-    return model, None if name.startswith("transformers-") else GlobalBalancer(model, compile=compiled != "none")
+    return model, None if base.startswith("transformers-") else GlobalBalancer(model, compile=compiled != "none")
 
 
 def compile_decoder_layers(model: torch.nn.Module, **compile_kwargs) -> torch.nn.Module:
@@ -261,6 +274,26 @@ def _outside(fn, context):
             return fn(*args, **kwargs)
 
     return wrapped
+
+
+def kept_for_backward_mib(model, balancer, ids: torch.Tensor) -> float | None:
+    """MiB of activations alive when backward starts (torch's `MemTracker`, any device): what autograd saves plus what
+    selective activation checkpointing caches outside autograd (which saved-tensor hooks do not see); the measure of
+    what recompute saves. None where this torch has no MemTracker."""
+    try:
+        from torch.distributed._tools.mem_tracker import MemTracker
+    except ImportError:
+        return None
+    tracker = MemTracker()
+    tracker.track_external(model)
+    with tracker:
+        _, loss, _ = _train_loss(model, balancer, ids)
+        snapshot = tracker.get_tracker_snapshot()
+        loss.backward()
+    if balancer is not None:
+        balancer.step()
+    model.zero_grad(set_to_none=True)
+    return sum(v for device in snapshot.values() for k, v in device.items() if "ACT" in str(k)) / 2**20
 
 
 def tracked_peak_gib(model, balancer, ids: torch.Tensor) -> float | None:
@@ -470,10 +503,11 @@ def run(args: argparse.Namespace) -> list[Result]:
         tps = tokens / step_s
         mfu = flops_per_token(config, args.seq) * tps / (peak * 1e12) if peak else None
         allreduce_ms = allreduce_s * 1e3 if (distributed and allreduce_s is not None) else None
-        ops = saved = None
+        ops = saved = kept = None
         if args.accounting and compiled == "none":  # one more, untimed step under an op counter
             model, balancer = build(name, config, impl, device, dtype, state)
             ops, saved = step_accounting(model, balancer, batches[0])
+            kept = kept_for_backward_mib(model, balancer, batches[0])
             if device.type == "cpu":  # no allocator peak on a CPU: the peak of live tensors instead
                 mem = tracked_peak_gib(model, balancer, batches[0])
             del model, balancer
@@ -483,14 +517,51 @@ def run(args: argparse.Namespace) -> list[Result]:
             del model, balancer
         results.append(
             Result(name, impl, _device_name(device), args.dtype, args.batch, args.seq, tokens, step_s * 1e3, tps,
-                   mem, mfu, allreduce_ms, compiled, ops, saved)
+                   mem, mfu, allreduce_ms, compiled, ops, saved, kept_mib=kept)
         )  # fmt: skip
+    if args.budget_from:  # the largest micro-batch each arm runs in the memory the budget arm needs
+        budget = next((r for r in results if r.name == args.budget_from and r.peak_mem_gib is not None), None)
+        if budget is None:
+            raise ValueError(
+                f"--budget_from={args.budget_from!r} names no arm with a measured peak: give one of --models"
+            )
+        for r in results:
+            if r.compiled == "none":
+                r.max_batch_in_budget = largest_batch(r.name, config, r.experts_implementation, device, dtype, state,
+                                                      args, budget.peak_mem_gib)  # fmt: skip
     if distributed:
         collective = collective_cost_us(config, device)
         for r in results:
             r.collective_us = collective
         torch.distributed.destroy_process_group()
     return results
+
+
+def largest_batch(name, config, impl, device, dtype, state, args, budget_gib: float, limit: int = 64) -> int:
+    """The most sequences of `args.seq` tokens one micro-batch of the arm holds with a peak (CUDA: the allocator's;
+    CPU: the live tensors') within `budget_gib`: measured upwards from `args.batch` (a step per size), not
+    extrapolated. 0 when even one sequence exceeds it."""
+
+    def peak(batch: int) -> float:
+        ids = torch.randint(0, config.vocab_size, (batch, args.seq), generator=torch.Generator().manual_seed(batch))
+        model, balancer = build(name, config, impl, device, dtype, state)
+        ids = ids.to(device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            _, loss, _ = _train_loss(model, balancer, ids)
+            _backward_and_step(model, balancer, loss)
+            return torch.cuda.max_memory_allocated() / 2**30
+        return tracked_peak_gib(model, balancer, ids)
+
+    batch = args.batch
+    if peak(batch) > budget_gib:
+        while batch > 1 and peak(batch - 1) > budget_gib:
+            batch -= 1
+        return batch - 1
+    while batch < limit and peak(batch + 1) <= budget_gib:
+        batch += 1
+    return batch
 
 
 def profile_arm(arm, config, device, dtype, state, batches, path: str) -> None:
@@ -517,8 +588,8 @@ def markdown_table(results: list[Result]) -> str:
     hf = {(r.experts_implementation, r.compiled): r.tokens_per_s for r in results if r.name.startswith("transformers")}
     lines = [
         "| model | experts | compile | tokens/s | step ms | vs micro | vs transformers | vs transformers uncompiled | "
-        "peak GiB | MFU | all-reduce ms | ops/step | saved MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "peak GiB | MFU | all-reduce ms | ops/step | saved MiB | kept MiB | batch in budget |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def ratio(table: dict, r: Result, compiled: str | None = None) -> str:
@@ -534,7 +605,8 @@ def markdown_table(results: list[Result]) -> str:
             f"{r.step_ms:.1f} | {ratio(micro, r)} | {ratio(hf, r)} | {ratio(hf, r, 'none')} | "
             f"{opt(r.peak_mem_gib, '.3f')} | "
             f"{'—' if r.mfu is None else f'{100 * r.mfu:.1f}%'} | {opt(r.allreduce_ms, '.2f')} | "
-            f"{opt(r.ops_per_step, ',')} | {opt(r.saved_mib, '.1f')} |"
+            f"{opt(r.ops_per_step, ',')} | {opt(r.saved_mib, '.1f')} | {opt(r.kept_mib, '.1f')} | "
+            f"{opt(r.max_batch_in_budget, 'd')} |"
         )
     return "\n".join(lines)
 
@@ -546,7 +618,11 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument(
         "--models",
         default="micro,global,global+auxfree,transformers-qwen2",
-        help="arms: micro, global, global+auxfree, transformers-qwen3, transformers-qwen2",
+        help="arms: micro / global (+auxfree, +expert_act / +experts / +moe: moe_recompute, +gc: whole-layer "
+        "gradient checkpointing), transformers-qwen3 / transformers-qwen2 (+gc)",
+    )
+    parser.add_argument(
+        "--budget_from", default=None, help="an arm whose peak memory is the budget: report each arm's largest batch"
     )
     parser.add_argument("--experts_implementations", default="eager,grouped_mm", help="comma-separated")
     parser.add_argument("--batch", type=int, default=8, help="sequences per step")

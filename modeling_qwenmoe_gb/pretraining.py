@@ -101,6 +101,9 @@ class ModelArguments:
         default=None, metadata={"help": "softmax | sigmoid (QwenMoE-GB models; default softmax)"}
     )
     experts_implementation: str | None = field(default=None, metadata={"help": "eager | batched_mm | grouped_mm"})
+    moe_recompute: str | None = field(
+        default=None, metadata={"help": "none | expert_act | experts | moe: recomputed in backward (QwenMoE-GB)"}
+    )
     config_overrides: str | None = field(default=None, metadata={"help": "JSON dict of further config fields"})
     balance_sync_group_size: int | None = field(default=None, metadata={"help": "all-reduce within groups of ranks"})
     aux_free_update: str = field(default="global", metadata={"help": "aux-free bias update: global (per step) | micro"})
@@ -165,6 +168,8 @@ class ModelArguments:
         }
         if self.router_scoring_func is not None:
             fields["router_scoring_func"] = self.router_scoring_func
+        if self.moe_recompute is not None:
+            fields["moe_recompute"] = self.moe_recompute
         fields.update(json.loads(self.config_overrides) if self.config_overrides else {})
         return fields
 
@@ -172,6 +177,11 @@ class ModelArguments:
         """For a transformers MoE trained as it is: (the balance options, for the trainer; the other
         `config_overrides`, for its config). Its router scores as the model does: `--router_scoring_func` is
         refused."""
+        if self.moe_recompute is not None:
+            raise ValueError(
+                f"moe_recompute={self.moe_recompute!r} applies to QwenMoE-GB models (a preset, --upcycle_from, "
+                "--convert_to_qwenmoe_gb): a transformers MoE trained as it is has whole-layer --gradient_checkpointing"
+            )
         if self.router_scoring_func is not None:
             raise ValueError(
                 f"router_scoring_func={self.router_scoring_func!r} applies to QwenMoE-GB models (a preset, "

@@ -206,3 +206,22 @@ def test_paired_layouts_time_ep_against_fsdp_under_torchrun(tmp_path):
     assert 0 < paired["iqr"][0] <= paired["ratio"] <= paired["iqr"][1]
     with pytest.raises(ValueError, match="needs torchrun"):
         main(["--preset", "tiny", "--models", "", "--paired_layouts", "fsdp,fsdp+ep"])
+
+
+def test_recompute_arms_keep_less_and_fit_more_sequences_in_transformers_budget(tmp_path):
+    """The recompute arms (`global+expert_act`, `+experts`, `+moe`) and whole-layer checkpointing (`+gc`, ours and
+    transformers') run; what is kept for backward falls mode by mode; `--budget_from` reports, measured, the largest
+    micro-batch whose peak fits the named arm's."""
+    results = main([
+        "--preset", "tiny", "--config_overrides", '{"moe_intermediate_size": 64}',
+        "--models", "global,global+expert_act,global+experts,global+moe,global+gc,transformers-qwen2,"
+        "transformers-qwen2+gc", "--experts_implementations", "grouped_mm", "--batch", "2", "--seq", "64",
+        "--steps", "1", "--warmup", "0", "--rounds", "1", "--budget_from", "transformers-qwen2",
+    ])  # fmt: skip
+    kept = {r.name: r.kept_mib for r in results}
+    assert kept["global"] > kept["global+expert_act"] > kept["global+experts"] > kept["global+moe"] > kept["global+gc"]
+    assert kept["transformers-qwen2+gc"] < kept["transformers-qwen2"]
+    fits = {r.name: r.max_batch_in_budget for r in results}
+    assert fits["transformers-qwen2"] >= 2 and fits["global+moe"] >= fits["global"] >= fits["transformers-qwen2"]
+    with pytest.raises(ValueError, match="arm 'global\\+everything' is unknown"):
+        main(["--preset", "tiny", "--models", "global+everything", "--steps", "1", "--rounds", "1"])
