@@ -18,6 +18,7 @@ MFU = flops_per_token · tokens/s / peak (H100 SXM bf16 dense 989 TFLOP/s; given
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -492,6 +493,7 @@ def run(args: argparse.Namespace) -> list[Result]:
             mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
             timings[name, impl, compiled].append((step_s, allreduce_s, mem))
             del model, balancer
+            gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     if args.profile:
@@ -511,6 +513,7 @@ def run(args: argparse.Namespace) -> list[Result]:
             if device.type == "cpu":  # no allocator peak on a CPU: the peak of live tensors instead
                 mem = tracked_peak_gib(model, balancer, batches[0])
             del model, balancer
+            gc.collect()
         elif args.accounting and compiled == "model":  # kernels of the compiled graphs + the ops left eager
             model, balancer = build(name, config, impl, device, dtype, state, compiled)
             ops = sum(compiled_step_kernels(model, balancer, batches[0]))
@@ -537,12 +540,12 @@ def run(args: argparse.Namespace) -> list[Result]:
     return results
 
 
-def largest_batch(name, config, impl, device, dtype, state, args, budget_gib: float, limit: int = 64) -> int:
+def largest_batch(name, config, impl, device, dtype, state, args, budget_gib: float, limit: int = 256) -> int:
     """The most sequences of `args.seq` tokens one micro-batch of the arm holds with a peak (CUDA: the allocator's;
-    CPU: the live tensors') within `budget_gib`: measured upwards from `args.batch` (a step per size), not
-    extrapolated. 0 when even one sequence exceeds it."""
+    CPU: the live tensors') within `budget_gib`: measured (a step per size tried: doubling from `args.batch`, then
+    bisection; the peak grows with the batch), not extrapolated. 0 when even one sequence exceeds it."""
 
-    def peak(batch: int) -> float:
+    def fits(batch: int) -> bool:
         ids = torch.randint(0, config.vocab_size, (batch, args.seq), generator=torch.Generator().manual_seed(batch))
         model, balancer = build(name, config, impl, device, dtype, state)
         ids = ids.to(device)
@@ -551,17 +554,22 @@ def largest_batch(name, config, impl, device, dtype, state, args, budget_gib: fl
             torch.cuda.reset_peak_memory_stats()
             _, loss, _ = _train_loss(model, balancer, ids)
             _backward_and_step(model, balancer, loss)
-            return torch.cuda.max_memory_allocated() / 2**30
-        return tracked_peak_gib(model, balancer, ids)
+            peak = torch.cuda.max_memory_allocated() / 2**30
+        else:
+            peak = tracked_peak_gib(model, balancer, ids)
+        del model, balancer, ids
+        gc.collect()  # the models reference themselves (hooks, the balancer): free each before the next
+        return peak <= budget_gib
 
-    batch = args.batch
-    if peak(batch) > budget_gib:
-        while batch > 1 and peak(batch - 1) > budget_gib:
-            batch -= 1
-        return batch - 1
-    while batch < limit and peak(batch + 1) <= budget_gib:
-        batch += 1
-    return batch
+    low, high = 0, args.batch  # low fits (0 trivially); find a high that does not
+    while high <= limit and fits(high):
+        low, high = high, high * 2
+    if high > limit:
+        return low
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
 
 
 def profile_arm(arm, config, device, dtype, state, batches, path: str) -> None:
