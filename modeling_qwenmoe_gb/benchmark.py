@@ -493,7 +493,7 @@ def run(args: argparse.Namespace) -> list[Result]:
             mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
             timings[name, impl, compiled].append((step_s, allreduce_s, mem))
             del model, balancer
-            gc.collect()
+            _release_memory()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     if args.profile:
@@ -513,7 +513,7 @@ def run(args: argparse.Namespace) -> list[Result]:
             if device.type == "cpu":  # no allocator peak on a CPU: the peak of live tensors instead
                 mem = tracked_peak_gib(model, balancer, batches[0])
             del model, balancer
-            gc.collect()
+            _release_memory()
         elif args.accounting and compiled == "model":  # kernels of the compiled graphs + the ops left eager
             model, balancer = build(name, config, impl, device, dtype, state, compiled)
             ops = sum(compiled_step_kernels(model, balancer, batches[0]))
@@ -540,12 +540,14 @@ def run(args: argparse.Namespace) -> list[Result]:
     return results
 
 
-def largest_batch(name, config, impl, device, dtype, state, args, budget_gib: float, limit: int = 256) -> int:
+def largest_batch(name, config, impl, device, dtype, state, args, budget_gib: float, limit: int = 1024) -> int:
     """The most sequences of `args.seq` tokens one micro-batch of the arm holds with a peak (CUDA: the allocator's;
-    CPU: the live tensors') within `budget_gib`: measured (a step per size tried: doubling from `args.batch`, then
-    bisection; the peak grows with the batch), not extrapolated. 0 when even one sequence exceeds it."""
+    CPU: the live tensors') within `budget_gib`: measured, a step per size tried, not extrapolated. The sizes tried
+    come from a line through the peaks measured so far (the first through the origin, which overestimates the slope),
+    so no step runs far above the budget; then bisection. 0 when even one sequence exceeds it."""
+    peaks: dict[int, float] = {}
 
-    def fits(batch: int) -> bool:
+    def peak(batch: int) -> float:
         ids = torch.randint(0, config.vocab_size, (batch, args.seq), generator=torch.Generator().manual_seed(batch))
         model, balancer = build(name, config, impl, device, dtype, state)
         ids = ids.to(device)
@@ -554,22 +556,40 @@ def largest_batch(name, config, impl, device, dtype, state, args, budget_gib: fl
             torch.cuda.reset_peak_memory_stats()
             _, loss, _ = _train_loss(model, balancer, ids)
             _backward_and_step(model, balancer, loss)
-            peak = torch.cuda.max_memory_allocated() / 2**30
+            peaks[batch] = torch.cuda.max_memory_allocated() / 2**30
         else:
-            peak = tracked_peak_gib(model, balancer, ids)
+            peaks[batch] = tracked_peak_gib(model, balancer, ids)
         del model, balancer, ids
-        gc.collect()  # the models reference themselves (hooks, the balancer): free each before the next
-        return peak <= budget_gib
+        _release_memory()
+        return peaks[batch]
 
-    low, high = 0, args.batch  # low fits (0 trivially); find a high that does not
-    while high <= limit and fits(high):
-        low, high = high, high * 2
-    if high > limit:
-        return low
+    low, high = 0, args.batch  # low fits (0 trivially), high does not (once found)
+    if peak(high) <= budget_gib:
+        low, high = high, None
+        while high is None and low < limit:
+            (b1, p1), (b2, p2) = sorted(peaks.items())[-2:] if len(peaks) > 1 else ((0, 0.0), (low, peaks[low]))
+            slope = max((p2 - p1) / (b2 - b1), 1e-9)
+            candidate = min(limit, max(low + 1, int(low + (budget_gib - peaks[low]) / slope)))
+            if peak(candidate) <= budget_gib:
+                low = candidate
+            else:
+                high = candidate
+        if high is None:
+            return low
     while high - low > 1:
         middle = (low + high) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle)
+        low, high = (middle, high) if peak(middle) <= budget_gib else (low, middle)
     return low
+
+
+def _release_memory() -> None:
+    """Free the models of a finished measurement (they reference themselves: hooks, the balancer) and give the heap
+    back to the system, so that measurements in a row do not add up."""
+    gc.collect()
+    if platform.system() == "Linux":
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def profile_arm(arm, config, device, dtype, state, batches, path: str) -> None:
