@@ -77,3 +77,13 @@ def test_a_missing_tokenizer_and_a_bad_data_file_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"prose/train.jsonl: not UTF-8 at line 2"):
         pretrain([*QUICK, "--output_dir", str(tmp_path / "run"), "--data", str(tmp_path / "data")])
     assert not (tmp_path / "run").exists()
+
+
+def test_moe_recompute_shapes_our_model_and_is_refused_for_a_transformers_moe(tmp_path):
+    pretrain([*QUICK, "--output_dir", str(tmp_path / "a"), "--moe_recompute", "experts"])
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["moe_recompute"] == "experts"
+    with pytest.raises(ValueError, match="moe_recompute='sometimes' is unknown"):
+        pretrain([*QUICK, "--output_dir", str(tmp_path / "b"), "--moe_recompute", "sometimes"])
+    olmoe = str(ROOT / "configuration" / "stock" / "olmoe-byte.json")
+    with pytest.raises(ValueError, match="moe_recompute='moe' applies to QwenMoE-GB models"):
+        pretrain([*QUICK, "--output_dir", str(tmp_path / "c"), "--model_config", olmoe, "--moe_recompute", "moe"])

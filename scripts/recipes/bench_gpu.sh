@@ -20,6 +20,12 @@ bench --preset qwen3-80m-byte --dtype bf16 --batch 2 --seq 8192 --steps 3 --warm
 # the paper's 3.4B-A0.6B shape: MFU
 bench --preset qwenmoe-gb-3.4b-a0.6b --dtype bf16 --batch 16 --seq 1024 --steps 4 --warmup 2 --rounds 1 \
   --models global --experts_implementations grouped_mm --out "$out/bench_3b.json" | tee "$out/bench_3b.md"
+# MoE-aware recompute against whole-layer gradient checkpointing (ours and transformers'): kept for backward, peak,
+# step time, and the largest micro-batch in transformers' (no checkpointing) memory, measured
+bench --preset qwenmoe-gb-3.4b-a0.6b --dtype bf16 --batch 4 --seq 1024 --steps 4 --warmup 2 --rounds 1 \
+  --models global,global+expert_act,global+experts,global+moe,global+gc,transformers-qwen2,transformers-qwen2+gc \
+  --experts_implementations grouped_mm --budget_from transformers-qwen2 --out "$out/bench_recompute_3b.json" \
+  | tee "$out/bench_recompute_3b.md" || echo "recompute 3.4B run failed"
 # whole-model torch.compile (what TrainingArguments(torch_compile=True) does) for every arm, ours and transformers'
 bench --preset qwen3-80m-byte --dtype bf16 --batch 128 --seq 256 --steps 6 --warmup 3 \
   --models micro,global,global+auxfree,transformers-qwen3 --experts_implementations grouped_mm --compile model \
