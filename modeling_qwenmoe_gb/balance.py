@@ -19,7 +19,9 @@ Features
   scope's groups: chunks of `balance_group_size` sequences or the micro-batch), z-loss, bias spread (aux-free), and
   MaxVio over devices: `maxvio_device` from the global counts (devices = the expert-parallel ranks of a model
   sharded with EP, else the virtual groups of `device_balance_groups`) and, under EP with `CountingAllToAllEP`,
-  `maxvio_device_delivered` from what the all-to-all delivered.
+  `maxvio_device_delivered` from what the all-to-all delivered; dead experts: `dead_experts` (experts that served no
+  token in an optimizer step, all ranks and micro-steps, per layer and in total, averaged over the steps) and
+  `dead_experts_window` (no token over the last `dead_expert_window` steps, as of the last step).
 
 Loss-scale rule (the same for every scope): the objective of one optimizer step is the mean, over data-parallel
 ranks × accumulation micro-steps, of the per-micro-batch balance loss. The loss a micro-step returns is therefore a
@@ -29,7 +31,7 @@ ranks. At a fixed global batch the router gradient does not depend on how the ba
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import defaultdict, deque
 
 import torch
 import torch.distributed as dist
@@ -153,6 +155,7 @@ class GlobalBalancer:
         bias_update: `"global"` (default): aux-free biases move once per optimizer step from the step's global counts;
             `"micro"`: after every micro-batch from its local counts (the baseline the global update is compared to).
         max_pending: micro-steps whose metrics may wait for `pop_metrics` before they are computed (memory bound).
+        dead_expert_window: optimizer steps over which `dead_experts_window` looks for experts that served no token.
         **balance_options: `balance_scope`, `router_aux_loss_coef`, `balance_group_size`, `micro_balance_coef`,
             `device_balance_groups`, `device_balance_coef`, `router_z_loss_coef`, `aux_free`,
             `aux_free_bias_update_rate` (the names and meaning of `QwenMoeGBConfig`'s fields; `router_scoring_func` too
@@ -172,8 +175,12 @@ class GlobalBalancer:
         bias_update: str = "global",
         max_pending: int = 64,
         compile: bool = False,
+        dead_expert_window: int = 100,
         **balance_options,
     ):
+        if isinstance(dead_expert_window, bool) or not isinstance(dead_expert_window, int) or dead_expert_window < 1:
+            raise ValueError(f"dead_expert_window={dead_expert_window!r} is not allowed: an integer >= 1 is required")
+        self._window: deque[list[torch.Tensor]] = deque(maxlen=dead_expert_window)  # the last steps' increments
         if bias_update not in ("global", "micro"):
             raise ValueError(f"bias_update={bias_update!r} is unknown: allowed ['global', 'micro']")
         self.bias_update = bias_update
@@ -277,6 +284,7 @@ class GlobalBalancer:
             counts = torch.stack([_total(step) for step in self._pending_steps]).double()
             self._pending_steps = []
             self._add("maxvio_global", max_violation(counts).sum(0))
+            self._add("dead_experts", (counts == 0).sum(-1).double().sum(0))  # (L,) summed over the M steps
             if self.device_groups is not None:
                 if self._device_matrix is None:
                     self._device_matrix = group_matrix(self.device_groups, self.config.num_experts, counts)  # (E, D)
@@ -311,6 +319,7 @@ class GlobalBalancer:
         counts = self.step_counts
         self._last_step, self._increments = self._increments, []
         self._pending_steps.append(self._last_step)
+        self._window.append(self._last_step)
         if self.device_groups is not None:
             delivered = delivered_counts(self.model, self.config.num_experts)  # (L, E), summed over ranks
             if delivered is not None:
@@ -354,7 +363,11 @@ class GlobalBalancer:
         self._fold_pending()
         sums = {k: torch.as_tensor(v).detach().cpu() for k, v in self._sums.items()}
         last = self.last_step_counts.cpu() if self._last_step else None
-        return {"sums": sums, "micro_steps": self._micro_steps, "steps": self._steps, "last_step_counts": last}
+        window = [_total(step).cpu() for step in self._window]
+        return {
+            "sums": sums, "micro_steps": self._micro_steps, "steps": self._steps, "last_step_counts": last,
+            "window_counts": window,
+        }  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         device = self.step_counts.device
@@ -363,6 +376,8 @@ class GlobalBalancer:
         self._micro_steps, self._steps = state["micro_steps"], state["steps"]
         last = state["last_step_counts"]
         self._last_step = [] if last is None else [last.to(device)]
+        self._window.clear()
+        self._window.extend([counts.to(device)] for counts in state.get("window_counts", []))
 
     # ----------------------------------------------------------------- metrics
     def pop_metrics(self, reduce: bool = True) -> dict[str, float]:
@@ -377,16 +392,23 @@ class GlobalBalancer:
             value = torch.as_tensor(self._sums[name], dtype=torch.float64).cpu().reshape(-1)
             rows.append(value / (self._micro_steps if name in per_micro else max(self._steps, 1)))
         sizes = [len(r) for r in rows]
-        flat = torch.cat(rows)
+        flat = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.float64)
         if reduce and dist.is_initialized() and dist.get_world_size() > 1:
             flat = flat.to(_comm_device())
             dist.all_reduce(flat)
             flat = flat.cpu() / dist.get_world_size()
         self._sums.clear()
         self._micro_steps = self._steps = 0
+        if self._window:  # experts without a token in the window, as of the last step (the same on every rank)
+            names.append("dead_experts_window")
+            window = torch.stack([_total(step) for step in self._window]).sum(0)  # (L, E)
+            per_layer = (window == 0).sum(-1).double().cpu()  # (L,)
+            sizes.append(len(per_layer))
+            flat = torch.cat([flat, per_layer])
         metrics: dict[str, float] = {}
         for name, values in zip(names, flat.split(sizes)):
-            metrics[f"balance/{name}"] = float(values.mean())
+            summed = name in ("dead_experts", "dead_experts_window")  # a count: the total over the layers
+            metrics[f"balance/{name}"] = float(values.sum() if summed else values.mean())
             if len(values) > 1:
                 metrics.update({f"balance/{name}/layer_{i}": float(v) for i, v in enumerate(values)})
         return metrics

@@ -8,6 +8,8 @@ Features
   `router_scoring_func` (softmax / sigmoid).
 - `router_dtype`: the router linear in the model dtype or in fp32 under bf16/fp16 (a source of routing mismatch
   between generation and training in RL, see `routed_experts` on the model's forward).
+- `n_group` / `topk_group` / `routed_scaling_factor`: DeepSeek-V3's group-limited routing and routed scaling.
+- `expert_capacity_factor` / `moe_token_drop_policy`: capacity with token dropping in training.
 - `moe_recompute`: MoE-aware selective recompute (the experts' activation, the experts, or the whole MoE block).
 - `loss_implementation`: the chunked LM-head + cross-entropy loss (no (T, V) logits in training), Liger-Kernel's
   fused one on CUDA, or transformers' one.
@@ -23,6 +25,7 @@ ROUTER_SCORING_FUNCS = ("softmax", "sigmoid")
 LOSS_IMPLEMENTATIONS = ("chunked", "full", "liger")
 ROUTER_DTYPES = ("auto", "float32")
 MOE_RECOMPUTE = ("none", "expert_act", "experts", "moe")
+TOKEN_DROP_POLICIES = ("probs", "position")
 
 
 class QwenMoeGBConfig(Qwen2MoeConfig):
@@ -97,6 +100,27 @@ class QwenMoeGBConfig(Qwen2MoeConfig):
             Use Qwen3-MoE attention (RMSNorm on queries and keys per head, `attention_bias` instead of `qkv_bias`).
         attention_bias (`bool`, *optional*, defaults to `False`):
             Bias on q/k/v/o projections when `use_qk_norm=True`.
+        n_group (`int`, *optional*, defaults to 1):
+            Group-limited routing (DeepSeek-V3): the experts form `n_group` contiguous groups of
+            `num_experts // n_group`; a group scores the sum of its two highest (biased) scores and each token chooses
+            its top-k among the experts of its `topk_group` best groups. 1 = no limit. `n_group = ep_size` (the
+            contiguous experts each expert-parallel rank holds) is device-limited routing: a token reaches at most
+            `topk_group` ranks.
+        topk_group (`int`, *optional*, defaults to 1):
+            Groups each token may use (with `n_group > 1`); `topk_group · num_experts // n_group` must be at least
+            `num_experts_per_tok`.
+        routed_scaling_factor (`float`, *optional*, defaults to 1.0):
+            Multiplies the routed experts' gate weights (after `norm_topk_prob`), as DeepSeek-V3 / GLM-4.5.
+        expert_capacity_factor (`float`, *optional*):
+            Token dropping in training (GShard / Switch): each expert of each MoE layer serves at most
+            `C = ceil(factor · T · K / E)` of the T·K selections of a forward (T tokens, padding included); the rest
+            are dropped: their gate weight is 0, the experts do not compute them, and the statistics do not count
+            them (`counts` = selections served, so f_i is the share of the served selections and the dropped
+            fraction is `1 − Σ counts / (K · tokens)`). `None` = dropless. Evaluation and generation are dropless
+            (as the stock export and vLLM serve the model).
+        moe_token_drop_policy (`str`, *optional*, defaults to `"probs"`):
+            Which selections an over-capacity expert keeps: `"probs"` the C with the highest gate weight,
+            `"position"` the first C in token order (Megatron's names).
         head_dim (`int`, *optional*):
             Attention head size; defaults to `hidden_size // num_attention_heads`.
     """
@@ -114,6 +138,11 @@ class QwenMoeGBConfig(Qwen2MoeConfig):
     router_scoring_func: str = "softmax"
     router_dtype: str = "auto"
     moe_recompute: str = "none"
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    expert_capacity_factor: float | None = None
+    moe_token_drop_policy: str = "probs"
     loss_implementation: str = "chunked"
     loss_chunk_size: int | None = None
     use_qk_norm: bool = False
@@ -138,12 +167,44 @@ class QwenMoeGBConfig(Qwen2MoeConfig):
             raise ValueError(f"router_dtype={self.router_dtype!r} is unknown: allowed {list(ROUTER_DTYPES)}")
         if self.moe_recompute not in MOE_RECOMPUTE:
             raise ValueError(f"moe_recompute={self.moe_recompute!r} is unknown: allowed {list(MOE_RECOMPUTE)}")
+        self.validate_routing()
         if self.loss_implementation not in LOSS_IMPLEMENTATIONS:
             raise ValueError(
                 f"loss_implementation={self.loss_implementation!r} is unknown: allowed {list(LOSS_IMPLEMENTATIONS)}"
             )
         if self.loss_chunk_size is not None:
             _check_int("loss_chunk_size", self.loss_chunk_size, minimum=1)
+
+    def validate_routing(self) -> None:
+        """Check group-limited routing, routed scaling and capacity; `ValueError` naming the field and value."""
+        _check_int("n_group", self.n_group, minimum=1)
+        _check_int("topk_group", self.topk_group, minimum=1)
+        if self.n_group > 1:
+            if self.num_experts % self.n_group or self.num_experts // self.n_group < 2:
+                raise ValueError(
+                    f"n_group={self.n_group} must divide num_experts={self.num_experts} into groups of at least 2 "
+                    "experts (a group scores the sum of its two highest scores)"
+                )
+            if self.topk_group > self.n_group:
+                raise ValueError(
+                    f"topk_group={self.topk_group} is above n_group={self.n_group}: allowed 1..{self.n_group}"
+                )
+            group_size = self.num_experts // self.n_group
+            if self.topk_group * group_size < self.num_experts_per_tok:
+                raise ValueError(
+                    f"topk_group={self.topk_group} groups of {group_size} experts hold fewer than "
+                    f"num_experts_per_tok={self.num_experts_per_tok}: raise topk_group"
+                )
+        for name in ("routed_scaling_factor", "expert_capacity_factor"):
+            value = getattr(self, name)
+            if value is None and name == "expert_capacity_factor":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name}={value!r} is not allowed: a number > 0 is required")
+        if self.moe_token_drop_policy not in TOKEN_DROP_POLICIES:
+            raise ValueError(
+                f"moe_token_drop_policy={self.moe_token_drop_policy!r} is unknown: allowed {list(TOKEN_DROP_POLICIES)}"
+            )
 
     def expert_groups(self) -> list[list[int]] | None:
         """`device_balance_groups` as an explicit partition (list of expert-index lists), or None. `"ep"` depends on
@@ -270,6 +331,7 @@ __all__ = [
     "LOSS_IMPLEMENTATIONS",
     "MOE_RECOMPUTE",
     "ROUTER_SCORING_FUNCS",
+    "TOKEN_DROP_POLICIES",
     "expert_partition",
     "validate_balance_fields",
 ]

@@ -49,7 +49,7 @@ EXPORT_TARGETS = ("auto", *STOCK)
 TRAINING_FIELDS = (
     "balance_scope", "balance_group_size", "micro_balance_coef", "device_balance_groups", "device_balance_coef",
     "router_z_loss_coef", "aux_free", "aux_free_bias_update_rate", "router_aux_loss_coef", "loss_implementation",
-    "loss_chunk_size", "router_dtype", "moe_recompute",
+    "loss_chunk_size", "router_dtype", "moe_recompute", "expert_capacity_factor", "moe_token_drop_policy",
 )  # fmt: skip
 # llama.cpp hard-codes top-k renormalisation per architecture (its qwen3moe / qwen2moe graphs).
 LLAMA_CPP_NORM_TOPK = {"qwen3_moe": True, "qwen2_moe": False}

@@ -28,6 +28,7 @@ This file imports only the standard library, torch, transformers and `.configura
 
 import contextlib
 import importlib
+import math
 import os
 from dataclasses import dataclass, fields
 
@@ -117,6 +118,7 @@ def router_statistics(
     token_mask: torch.Tensor | None = None,
     z_grad: bool = True,
     batch_size: int | None = None,
+    dropped: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sequence statistics of the routers from what they already computed (no second pass, O(B·E) output), for
     one layer or for all layers at once (the model stacks them: one set of ops whatever the depth).
@@ -126,6 +128,7 @@ def router_statistics(
     one layer or (L,). Returns counts (..., B, E), prob_sums (..., B, E), num_tokens (..., B), z_sums (..., B), all
     fp32. `z_grad=False` computes z_sums as a metric only (no graph), so autograd keeps no fp32 copy of the logits for
     a z-loss that is off. `router_logits=None` (a router that exposes only its probabilities): z_sums are 0.
+    `dropped=True`: `top_k_index` may hold the sentinel E (a selection dropped over capacity), which is not counted.
     """
     lead = router_probs.shape[:-2]  # () or (L,)
     num_experts, top_k = router_probs.shape[-1], top_k_index.shape[-1]
@@ -140,7 +143,8 @@ def router_statistics(
             weights = torch.ones((), device=index.device).expand(index.shape)
         else:  # each selection counts as its token does
             weights = mask.repeat_interleave(top_k, dim=1).expand_as(index)
-        counts = weights.new_zeros(*lead, batch, num_experts).scatter_add_(-1, index, weights)  # (..., B, E)
+        bins = num_experts + 1 if dropped else num_experts  # the sentinel's bin, cut off below
+        counts = weights.new_zeros(*lead, batch, bins).scatter_add_(-1, index, weights)[..., :num_experts]  # (.., B, E)
     probs = router_probs.reshape(*lead, batch, seq, num_experts)  # (..., B, S, E)
     prob_sums = (probs if mask is None else probs * mask[..., None]).sum(-2)  # (..., B, E)
     if router_logits is None:
@@ -415,6 +419,10 @@ class QwenMoeGBTopKRouter(nn.Module):
         self.scoring_func = config.router_scoring_func
         self.aux_free = config.aux_free
         self.fp32_logits = config.router_dtype == "float32"
+        self.n_group, self.topk_group = config.n_group, config.topk_group
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.capacity_factor = config.expert_capacity_factor
+        self.drop_policy = config.moe_token_drop_policy
         self.weight = nn.Parameter(torch.zeros(self.num_experts, config.hidden_size))
         self.register_buffer("expert_bias", torch.zeros(self.num_experts, dtype=torch.float32), persistent=True)
 
@@ -431,10 +439,12 @@ class QwenMoeGBTopKRouter(nn.Module):
         selection. `routed_experts` (T, K): where a token's row holds indices (not -1), they are its experts."""
         logits = router_logits.float()
         scores = logits.softmax(-1) if self.scoring_func == "softmax" else logits.sigmoid()  # (T, E)
-        if not self.aux_free and routed_experts is None:
+        if not self.aux_free and routed_experts is None and self.n_group == 1:
             top_k_scores, top_k_index = torch.topk(scores, self.top_k, dim=-1)  # (T, K), (T, K)
             return scores, top_k_index, top_k_scores
         biased = scores + self.expert_bias if self.aux_free else scores
+        if self.n_group > 1:
+            biased = limit_to_groups(biased, self.n_group, self.topk_group)
         top_k_index = torch.topk(biased, self.top_k, dim=-1).indices  # (T, K)
         if routed_experts is not None:  # replay: a row of -1 routes as usual
             top_k_index = torch.where(routed_experts[:, :1] >= 0, routed_experts, top_k_index)  # (T, K)
@@ -453,9 +463,56 @@ class QwenMoeGBTopKRouter(nn.Module):
         scores, top_k_index, top_k_weights = self.select(router_logits, routed_experts)  # (T, E), (T, K), (T, K)
         if self.norm_topk_prob:
             top_k_weights = top_k_weights / top_k_weights.sum(-1, keepdim=True)
+        if self.capacity_factor is not None and self.training:
+            top_k_index, top_k_weights = drop_over_capacity(
+                top_k_index, top_k_weights, self.num_experts, self.capacity_factor, self.drop_policy
+            )
+        if self.routed_scaling_factor != 1.0:
+            top_k_weights = top_k_weights * self.routed_scaling_factor
         probs = scores if self.scoring_func == "softmax" else scores / scores.sum(-1, keepdim=True)
         weights_dtype = hidden_states.dtype if self.fp32_logits else router_logits.dtype  # the experts' input dtype
         return router_logits, top_k_weights.to(weights_dtype), top_k_index, probs
+
+
+def limit_to_groups(scores: torch.Tensor, n_group: int, topk_group: int) -> torch.Tensor:
+    """DeepSeek-V3's group-limited routing: the scores (T, E) with -inf outside each token's `topk_group` best of
+    `n_group` contiguous expert groups, a group scoring the sum of its two highest scores."""
+    tokens, num_experts = scores.shape
+    grouped = scores.view(tokens, n_group, num_experts // n_group)  # (T, G, E/G)
+    group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # (T, G)
+    best = group_scores.topk(topk_group, dim=-1, sorted=False).indices  # (T, topk_group)
+    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)  # (T, G)
+    return grouped.masked_fill(~keep[..., None], float("-inf")).view(tokens, num_experts)  # (T, E)
+
+
+def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """Selections one expert serves per forward: ceil(factor · T · K / E)."""
+    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+
+
+def drop_over_capacity(
+    top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int, capacity_factor: float, policy: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token dropping: each expert keeps at most `expert_capacity(...)` of the selections (T, K) routed to it, the
+    highest gate weights (`policy="probs"`) or the first in token order (`"position"`, slot order within a token).
+    A dropped selection gets index `num_experts` (transformers' experts skip such a sentinel) and weight 0."""
+    tokens, top_k = top_k_index.shape
+    capacity = expert_capacity(tokens, top_k, num_experts, capacity_factor)
+    if capacity >= tokens * top_k:  # nothing can be dropped
+        return top_k_index, top_k_weights
+    with torch.no_grad():
+        flat = top_k_index.reshape(-1)  # (T·K,), token-major
+        one_hot = F.one_hot(flat, num_experts)  # (T·K, E)
+        if policy == "position":
+            rank = (one_hot.cumsum(0) - 1).gather(1, flat[:, None]).squeeze(1)  # (T·K,): earlier ones of its expert
+        else:
+            weights = top_k_weights.detach().float().reshape(-1)  # (T·K,)
+            order = torch.sort(weights, descending=True, stable=True).indices  # ties: token order
+            rank_sorted = (one_hot[order].cumsum(0) - 1).gather(1, flat[order][:, None]).squeeze(1)
+            rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)  # (T·K,)
+        kept = (rank < capacity).view(tokens, top_k)  # (T, K)
+    index = top_k_index.masked_fill(~kept, num_experts)  # (T, K)
+    return index, top_k_weights * kept.to(top_k_weights.dtype)  # (T, K), (T, K)
 
 
 # `moe_recompute="expert_act"` keeps the outputs of the experts' projections (the matmuls) and recomputes in backward
@@ -500,6 +557,8 @@ class QwenMoeGBSparseMoeBlock(nn.Module):
         self.gate = QwenMoeGBTopKRouter(config)
         self.experts = QwenMoeGBExperts(config)
         self.config = config
+        if config.expert_capacity_factor is not None:  # dropped selections carry the sentinel index E
+            self.experts._is_expert_parallel = True  # transformers' experts then skip (and zero) sentinel rows
         self.shared_expert = None
         if config.shared_expert_intermediate_size > 0:
             self.shared_expert = Qwen2MoeMLP(config, intermediate_size=config.shared_expert_intermediate_size)
@@ -509,6 +568,15 @@ class QwenMoeGBSparseMoeBlock(nn.Module):
         batch, seq, hidden = hidden_states.shape
         flat = hidden_states.view(-1, hidden)  # (T, D)
         replay = None if routed_experts is None else routed_experts.reshape(-1, routed_experts.shape[-1])  # (T, K)
+        if (
+            self.training
+            and self.gate.capacity_factor is not None
+            and self.experts.num_experts != self.gate.num_experts
+        ):
+            raise ValueError(
+                "expert_capacity_factor with expert parallelism is not supported: the all-to-all dispatch has no "
+                "dropped-selection slot; train dropless (expert_capacity_factor=None) under ep_size > 1"
+            )
         router_logits, top_k_weights, top_k_index, probs = self.gate(flat, replay)
         mode = self.config.moe_recompute if self.training else "none"
         if mode in ("expert_act", "experts"):  # recomputed in backward from the kept routing
@@ -835,7 +903,9 @@ class QwenMoeGBModel(QwenMoeGBPreTrainedModel):
         if routings:  # every MoE layer's statistics in one set of ops: (L, T, E), (L, T, E), (L, T, K) stacked
             logits, probs, index = (torch.stack(x) for x in zip(*routings))
             z_grad = self.config.router_z_loss_coef > 0  # z-loss off: its statistic is a metric, out of the graph
-            router_stats = RouterStats(*router_statistics(logits, probs, index, token_mask, z_grad, batch))  # (L, B, ·)
+            dropped = self.training and self.config.expert_capacity_factor is not None  # sentinels in `index`
+            stats = router_statistics(logits, probs, index, token_mask, z_grad, batch, dropped)
+            router_stats = RouterStats(*stats)  # (L, B, ·)
             if output_routed_experts:
                 used = index.reshape(len(routings), batch, seq, -1).permute(1, 2, 0, 3)  # (L, T, K) -> (B, S, L, K)
         return QwenMoeGBModelOutputWithPast(

@@ -104,6 +104,13 @@ class ModelArguments:
     moe_recompute: str | None = field(
         default=None, metadata={"help": "none | expert_act | experts | moe: recomputed in backward (QwenMoE-GB)"}
     )
+    n_group: int | None = field(default=None, metadata={"help": "group-limited routing: expert groups (QwenMoE-GB)"})
+    topk_group: int | None = field(default=None, metadata={"help": "group-limited routing: groups per token"})
+    routed_scaling_factor: float | None = field(default=None, metadata={"help": "scale of the routed gate weights"})
+    expert_capacity_factor: float | None = field(
+        default=None, metadata={"help": "token dropping in training: capacity factor (default dropless)"}
+    )
+    moe_token_drop_policy: str | None = field(default=None, metadata={"help": "probs | position (with capacity)"})
     config_overrides: str | None = field(default=None, metadata={"help": "JSON dict of further config fields"})
     balance_sync_group_size: int | None = field(default=None, metadata={"help": "all-reduce within groups of ranks"})
     aux_free_update: str = field(default="global", metadata={"help": "aux-free bias update: global (per step) | micro"})
@@ -166,10 +173,9 @@ class ModelArguments:
             "aux_free": self.aux_free,
             "aux_free_bias_update_rate": self.aux_free_bias_update_rate,
         }
-        if self.router_scoring_func is not None:
-            fields["router_scoring_func"] = self.router_scoring_func
-        if self.moe_recompute is not None:
-            fields["moe_recompute"] = self.moe_recompute
+        for name in OWN_MODEL_FLAGS:
+            if getattr(self, name) is not None:
+                fields[name] = getattr(self, name)
         fields.update(json.loads(self.config_overrides) if self.config_overrides else {})
         return fields
 
@@ -182,6 +188,19 @@ class ModelArguments:
                 f"moe_recompute={self.moe_recompute!r} applies to QwenMoE-GB models (a preset, --upcycle_from, "
                 "--convert_to_qwenmoe_gb): a transformers MoE trained as it is has whole-layer --gradient_checkpointing"
             )
+        for name in (
+            "n_group",
+            "topk_group",
+            "routed_scaling_factor",
+            "expert_capacity_factor",
+            "moe_token_drop_policy",
+        ):
+            if getattr(self, name) is not None:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} applies to QwenMoE-GB models (a preset, --upcycle_from, "
+                    "--convert_to_qwenmoe_gb): a transformers MoE trained as it is routes as its config says "
+                    "(--config_overrides sets its own fields, e.g. DeepSeek-V3's n_group / topk_group)"
+                )
         if self.router_scoring_func is not None:
             raise ValueError(
                 f"router_scoring_func={self.router_scoring_func!r} applies to QwenMoE-GB models (a preset, "
@@ -190,6 +209,13 @@ class ModelArguments:
         fields = self.balance_fields()
         options = {k: fields.pop(k) for k in list(fields) if k in BALANCE_OPTIONS}
         return options, fields
+
+
+# Model flags that set QwenMoE-GB config fields of the same name when given.
+OWN_MODEL_FLAGS = (
+    "router_scoring_func", "moe_recompute", "n_group", "topk_group", "routed_scaling_factor",
+    "expert_capacity_factor", "moe_token_drop_policy",
+)  # fmt: skip
 
 
 @dataclass

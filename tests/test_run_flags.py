@@ -87,3 +87,21 @@ def test_moe_recompute_shapes_our_model_and_is_refused_for_a_transformers_moe(tm
     olmoe = str(ROOT / "configuration" / "stock" / "olmoe-byte.json")
     with pytest.raises(ValueError, match="moe_recompute='moe' applies to QwenMoE-GB models"):
         pretrain([*QUICK, "--output_dir", str(tmp_path / "c"), "--model_config", olmoe, "--moe_recompute", "moe"])
+
+
+def test_routing_flags_shape_our_model_log_dead_experts_and_are_refused_for_a_transformers_moe(tmp_path):
+    routing = ["--n_group", "4", "--topk_group", "2", "--routed_scaling_factor", "2.0", "--router_scoring_func",
+               "sigmoid", "--aux_free", "true", "--expert_capacity_factor", "1.0", "--moe_token_drop_policy", "position"]  # fmt: skip
+    pretrain([*QUICK, "--output_dir", str(tmp_path / "a"), *routing])
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert (config["n_group"], config["topk_group"], config["routed_scaling_factor"]) == (4, 2, 2.0)
+    assert (config["expert_capacity_factor"], config["moe_token_drop_policy"]) == (1.0, "position")
+    logs = json.loads((tmp_path / "a" / "log_history.json").read_text())["log_history"]
+    assert any("balance/dead_experts" in entry and "balance/dead_experts_window" in entry for entry in logs)
+    with pytest.raises(ValueError, match="topk_group=9 is above n_group=4"):
+        pretrain([*QUICK, "--output_dir", str(tmp_path / "b"), "--n_group", "4", "--topk_group", "9"])
+    olmoe = str(ROOT / "configuration" / "stock" / "olmoe-byte.json")
+    with pytest.raises(ValueError, match="expert_capacity_factor=1.0 applies to QwenMoE-GB models"):
+        pretrain(
+            [*QUICK, "--output_dir", str(tmp_path / "c"), "--model_config", olmoe, "--expert_capacity_factor", "1"]
+        )
