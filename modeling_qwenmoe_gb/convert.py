@@ -19,6 +19,13 @@ the export is exact when the model has softmax scores and no nonzero aux-free bi
 shared expert; Qwen2-MoE has no QK-norm, q/k/v biases (written as zeros when the model has none), head size
 hidden / heads and a shared expert (a model without one gets a width-1 shared expert with zero weights, which adds
 exactly 0 and which `from_qwen_moe` removes again).
+
+GLM-4.5-MoE (`glm4_moe`, `to="auto"` for a model with sigmoid scores, a nonzero aux-free bias, group-limited routing or
+routed scaling): DeepSeek-V3's router (sigmoid, `e_score_correction_bias` for selection, `n_group` / `topk_group`,
+`norm_topk_prob`, `routed_scaling_factor`), q/k/v biases and QK-norm optional, full rotary (`partial_rotary_factor`
+1.0), every layer MoE (`first_k_dense_replace=0`) and an ungated shared expert, written as zeros (adds exactly 0)
+when the model has none; a model with a sigmoid-gated shared expert is refused. Capacity dropping is training-only:
+the export serves dropless, as our model evaluates.
 """
 
 import json
@@ -31,6 +38,8 @@ from transformers import (
     AutoConfig,
     AutoTokenizer,
     GenerationConfig,
+    Glm4MoeConfig,
+    Glm4MoeForCausalLM,
     Qwen2MoeConfig,
     Qwen2MoeForCausalLM,
     Qwen3MoeConfig,
@@ -42,7 +51,11 @@ from .modeling_qwenmoe_gb import QwenMoeGBForCausalLM, QwenMoeGBSparseMoeBlock
 
 SUPPORTED = ("qwen2_moe", "qwen3_moe", "qwenmoe_gb")
 TRANSFORMERS_UNITS = ("qwen2_moe", "qwen3_moe")  # model types whose router_aux_loss_coef is in transformers' units
-STOCK = {"qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM), "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM)}
+STOCK = {
+    "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM),
+    "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM),
+    "glm4_moe": (Glm4MoeConfig, Glm4MoeForCausalLM),  # sigmoid scores, selection bias, group-limited, routed scaling
+}
 EXPORT_TARGETS = ("auto", *STOCK)
 # The training settings an export keeps in its config.json (key `qwenmoe_gb`, ignored by transformers and the
 # engines), so that `from_qwen_moe` gives back the model as it was trained.
@@ -70,6 +83,8 @@ def qwen_moe_config(source, **balance) -> QwenMoeGBConfig:
     `router_aux_loss_coef` converted to our units (× K) unless `balance` gives one. A config written by
     `export_qwen_moe` brings back the training settings it recorded (`balance` still wins)."""
     config = source if not isinstance(source, str) else AutoConfig.from_pretrained(source)
+    if config.model_type == "glm4_moe":
+        return glm4_moe_config(config, **balance)
     if config.model_type not in SUPPORTED:
         raise ValueError(f"model_type={config.model_type!r} cannot be converted: allowed {list(SUPPORTED)}")
     fields = config.to_dict()
@@ -101,10 +116,77 @@ def from_qwen_moe(source: str, **kwargs) -> QwenMoeGBForCausalLM:
     `router_aux_loss_coef=0.01`) go to the config; other kwargs (dtype, device_map, ...) to `from_pretrained`."""
     balance = {k: kwargs.pop(k) for k in list(kwargs) if k in QwenMoeGBConfig.__dataclass_fields__}
     source_config = AutoConfig.from_pretrained(source)  # read once: the architecture and an export's record
+    if source_config.model_type == "glm4_moe":
+        return _from_glm4_moe(source, source_config, balance, kwargs)
     model = QwenMoeGBForCausalLM.from_pretrained(source, config=qwen_moe_config(source_config, **balance), **kwargs)
     recorded = getattr(source_config, "qwenmoe_gb", None) or {}
     _drop_stand_ins(model, recorded.get("stand_ins", []))
     return model
+
+
+def glm4_moe_config(config: Glm4MoeConfig, **balance) -> QwenMoeGBConfig:
+    """Our config for a GLM-4.5-MoE whose layers are all MoE with one shared expert of zeros (what the export
+    writes): sigmoid scores, its groups and scaling, the training settings an export recorded."""
+    if config.first_k_dense_replace != 0:
+        raise ValueError(
+            f"first_k_dense_replace={config.first_k_dense_replace} cannot be converted: QwenMoE-GB makes every layer "
+            "MoE here (allowed 0); train it as it is with --model_name_or_path"
+        )
+    rope = dict(config.rope_parameters)
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(
+            f"partial_rotary_factor={rope['partial_rotary_factor']} cannot be converted: QwenMoE-GB rotates every "
+            "dimension (allowed 1.0); train it as it is with --model_name_or_path"
+        )
+    rope.pop("partial_rotary_factor", None)
+    recorded = getattr(config, "qwenmoe_gb", None) or {}
+    fields = dict(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim, hidden_act=config.hidden_act,
+        max_position_embeddings=config.max_position_embeddings, initializer_range=config.initializer_range,
+        rms_norm_eps=config.rms_norm_eps, tie_word_embeddings=config.tie_word_embeddings, rope_parameters=rope,
+        use_qk_norm=config.use_qk_norm, qkv_bias=config.attention_bias and not config.use_qk_norm,
+        attention_bias=config.attention_bias and config.use_qk_norm, moe_intermediate_size=config.moe_intermediate_size,
+        num_experts=config.n_routed_experts, num_experts_per_tok=config.num_experts_per_tok,
+        shared_expert_intermediate_size=0, norm_topk_prob=config.norm_topk_prob, n_group=config.n_group,
+        topk_group=config.topk_group, routed_scaling_factor=config.routed_scaling_factor, router_scoring_func="sigmoid",
+        router_aux_loss_coef=config.router_aux_loss_coef * config.num_experts_per_tok,
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+    )  # fmt: skip
+    fields.update(recorded.get("training", {}))
+    return QwenMoeGBConfig(**{**fields, **balance})
+
+
+def _from_glm4_moe(source: str, source_config: Glm4MoeConfig, balance: dict, kwargs: dict) -> QwenMoeGBForCausalLM:
+    """A GLM-4.5-MoE (an export of ours, or one shaped like it) as our model: the shared experts must be zero."""
+    stock = Glm4MoeForCausalLM.from_pretrained(source, **kwargs)
+    config = glm4_moe_config(source_config, **balance)
+    state = {}
+    for key, value in stock.state_dict().items():
+        if ".mlp.shared_experts." in key:
+            if value.any():
+                raise ValueError(
+                    f"{key} is nonzero: QwenMoE-GB's shared expert is sigmoid-gated, GLM-4.5-MoE's is not; only a zero "
+                    "shared expert (what export writes) converts exactly. Train it as it is with --model_name_or_path"
+                )
+            continue
+        state[key.replace("mlp.gate.e_score_correction_bias", "mlp.gate.expert_bias")] = value
+    if any(v.ne(0).any() for k, v in state.items() if k.endswith("expert_bias")):
+        config.aux_free = True  # the bias moves the selection only with aux-free routing
+    with torch.device("meta"):
+        model = QwenMoeGBForCausalLM(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    theirs = dict(stock.named_buffers())
+    for name, buffer in list(model.named_buffers()):  # non-persistent: the rotary frequencies, the step buffer
+        if buffer.is_meta:
+            owner, _, attr = name.rpartition(".")
+            value = theirs[name] if name in theirs else torch.zeros(buffer.shape, dtype=buffer.dtype)
+            setattr(model.get_submodule(owner), attr, value)
+    model.config._experts_implementation = stock.config._experts_implementation
+    model.tie_weights()
+    model.generation_config = stock.generation_config
+    return model.eval()
 
 
 def _drop_stand_ins(model: QwenMoeGBForCausalLM, stand_ins: list[str]) -> None:
@@ -290,10 +372,44 @@ def _nonzero_bias(model: QwenMoeGBForCausalLM) -> list[str]:
     ]
 
 
+def _glm4_unrepresentable(config: QwenMoeGBConfig) -> list[str]:
+    reasons = []
+    if config.router_scoring_func != "sigmoid":
+        reasons.append(f"router_scoring_func={config.router_scoring_func!r} (GLM-4.5-MoE's router is sigmoid)")
+    if config.shared_expert_intermediate_size > 0:
+        reasons.append(
+            f"shared_expert_intermediate_size={config.shared_expert_intermediate_size} with its sigmoid gate "
+            "(GLM-4.5-MoE's shared expert has no gate)"
+        )
+    if config.use_qk_norm and config.attention_bias:
+        reasons.append("attention_bias=True with QK-norm (GLM-4.5-MoE's output projection has no bias)")
+    if len(config.moe_layer_indices()) != config.num_hidden_layers:
+        reasons.append(f"dense layers {sorted(set(range(config.num_hidden_layers)) - set(config.moe_layer_indices()))}"
+                       " (GLM-4.5-MoE makes every layer MoE here)")  # fmt: skip
+    if "sliding_attention" in config.layer_types[: config.num_hidden_layers]:
+        reasons.append(f"layer_types={config.layer_types} (GLM-4.5-MoE has no sliding window)")
+    return reasons
+
+
+def needs_glm4(model: QwenMoeGBForCausalLM) -> bool:
+    """Routing only DeepSeek-V3's router computes: sigmoid, a nonzero bias, group limits or routed scaling."""
+    config = model.config
+    return bool(
+        config.router_scoring_func == "sigmoid" or _nonzero_bias(model) or config.n_group > 1
+        or config.routed_scaling_factor != 1.0
+    )  # fmt: skip
+
+
 def unrepresentable(model: QwenMoeGBForCausalLM, to: str) -> list[str]:
     """The settings of `model` that the stock architecture `to` cannot compute exactly (empty: exportable)."""
     config = model.config
+    if to == "glm4_moe":
+        return _glm4_unrepresentable(config)
     reasons = []
+    if config.n_group > 1:
+        reasons.append(f"n_group={config.n_group} (stock Qwen MoE routers are not group-limited; glm4_moe is)")
+    if config.routed_scaling_factor != 1.0:
+        reasons.append(f"routed_scaling_factor={config.routed_scaling_factor} (glm4_moe scales, Qwen MoE does not)")
     if config.router_scoring_func != "softmax":
         reasons.append(f"router_scoring_func={config.router_scoring_func!r} (stock Qwen MoE routers are softmax)")
     if biased := _nonzero_bias(model):
@@ -323,15 +439,20 @@ def unrepresentable(model: QwenMoeGBForCausalLM, to: str) -> list[str]:
 
 
 def stock_architecture(model: QwenMoeGBForCausalLM, to: str = "auto") -> str:
-    """The stock model type to export to: `to`, or for `"auto"` the one that represents the model exactly (Qwen3-MoE
-    with QK-norm, else Qwen2-MoE). Raises `ValueError` naming every setting it cannot represent."""
+    """The stock model type to export to: `to`, or for `"auto"` the one that represents the model exactly (GLM-4.5-MoE
+    for sigmoid, biased, group-limited or scaled routing; else Qwen3-MoE with QK-norm, Qwen2-MoE without). Raises
+    `ValueError` naming every setting that the candidates cannot represent."""
     if to not in EXPORT_TARGETS:
         raise ValueError(f"to={to!r} is unknown: allowed {list(EXPORT_TARGETS)}")
-    target = ("qwen3_moe" if model.config.use_qk_norm else "qwen2_moe") if to == "auto" else to
-    if reasons := unrepresentable(model, target):
+    preferred = "qwen3_moe" if model.config.use_qk_norm else "qwen2_moe"
+    candidates = [to] if to != "auto" else ["glm4_moe", preferred] if needs_glm4(model) else [preferred, "glm4_moe"]
+    problems = {target: unrepresentable(model, target) for target in candidates}
+    target = next((t for t in candidates if not problems[t]), None)
+    if target is None:
+        named = problems[to] if to != "auto" else [f"{t}: " + ", ".join(problems[t]) for t in candidates]
         raise ValueError(
-            f"cannot export to {target} (to={to!r}) without changing what the model computes: "
-            + "; ".join(reasons)
+            f"cannot export to {' or '.join(candidates)} (to={to!r}) without changing what the model computes: "
+            + "; ".join(named)
             + f". {SERVE_OWN_CODE}"
         )
     return target
@@ -341,6 +462,8 @@ def stock_config(config: QwenMoeGBConfig, to: str) -> Qwen2MoeConfig | Qwen3MoeC
     """The stock config of architecture `to` (checked by `stock_architecture`) with our architecture fields,
     `router_aux_loss_coef` back in transformers' units (÷ K), and our training settings under `qwenmoe_gb`."""
     config_class = STOCK[to][0]
+    if to == "glm4_moe":
+        return _glm4_config(config)
     fields = {k: v for k, v in config.to_dict().items() if k in config_class.__dataclass_fields__}
     for key in ("model_type", "auto_map", "architectures", "transformers_version", "layer_types"):
         fields.pop(key, None)
@@ -357,10 +480,48 @@ def stock_config(config: QwenMoeGBConfig, to: str) -> Qwen2MoeConfig | Qwen3MoeC
     return config_class(**fields, qwenmoe_gb={"training": training, "stand_ins": stand_ins})
 
 
+def _glm4_config(config: QwenMoeGBConfig) -> Glm4MoeConfig:
+    """GLM-4.5-MoE with our architecture and routing: every layer MoE, a zero stand-in shared expert, full rotary."""
+    rope = dict(config.rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}, partial_rotary_factor=1.0)
+    training = {k: getattr(config, k) for k in TRAINING_FIELDS}
+    return Glm4MoeConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim, hidden_act=config.hidden_act,
+        max_position_embeddings=config.max_position_embeddings, initializer_range=config.initializer_range,
+        rms_norm_eps=config.rms_norm_eps, use_cache=config.use_cache, tie_word_embeddings=config.tie_word_embeddings,
+        rope_parameters=rope, attention_bias=config.attention_bias if config.use_qk_norm else config.qkv_bias,
+        attention_dropout=config.attention_dropout, moe_intermediate_size=config.moe_intermediate_size,
+        num_experts_per_tok=config.num_experts_per_tok, n_shared_experts=1, n_routed_experts=config.num_experts,
+        routed_scaling_factor=config.routed_scaling_factor, n_group=config.n_group, topk_group=config.topk_group,
+        first_k_dense_replace=0, norm_topk_prob=config.norm_topk_prob, use_qk_norm=config.use_qk_norm,
+        router_aux_loss_coef=config.router_aux_loss_coef / config.num_experts_per_tok,
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+        qwenmoe_gb={"training": training, "stand_ins": ["shared_expert"]},
+    )  # fmt: skip
+
+
+def _glm4_state_dict(model: QwenMoeGBForCausalLM) -> dict[str, torch.Tensor]:
+    """Our weights under GLM-4.5-MoE's names: the bias as `e_score_correction_bias`, a zero shared expert."""
+    config, state = model.config, {}
+    for key, value in model.state_dict().items():
+        state[key.replace("mlp.gate.expert_bias", "mlp.gate.e_score_correction_bias")] = value
+    like = model.model.embed_tokens.weight
+    d, width = config.hidden_size, config.moe_intermediate_size
+    for i in range(config.num_hidden_layers):
+        shared = f"model.layers.{i}.mlp.shared_experts"
+        state[f"{shared}.gate_proj.weight"] = like.new_zeros(width, d)  # (I, D)
+        state[f"{shared}.up_proj.weight"] = like.new_zeros(width, d)  # (I, D)
+        state[f"{shared}.down_proj.weight"] = like.new_zeros(d, width)  # (D, I): the stand-in adds exactly 0
+    return state
+
+
 def _stock_state_dict(model: QwenMoeGBForCausalLM, to: str) -> dict[str, torch.Tensor]:
     """Our weights under the stock model's (in-memory, fused-experts) names: the aux-free bias dropped (checked
     zero), and for Qwen2-MoE zero q/k/v biases and a zero width-1 shared expert where the model has none."""
     config = model.config
+    if to == "glm4_moe":
+        return _glm4_state_dict(model)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("mlp.gate.expert_bias")}
     if to != "qwen2_moe":
         return state
@@ -402,7 +563,11 @@ def to_qwen_moe(model: QwenMoeGBForCausalLM, to: str = "auto") -> Qwen2MoeForCau
 def llama_cpp_notes(config: QwenMoeGBConfig, to: str, tokenizer=None) -> list[str]:
     """Where llama.cpp (GGUF) would compute or tokenize differently from transformers for this export."""
     notes = []
-    if bool(config.norm_topk_prob) != LLAMA_CPP_NORM_TOPK[to]:
+    if to == "glm4_moe":
+        notes.append(
+            "the GLM-4.5-MoE export has not been converted with llama.cpp here (vLLM and transformers are tested)"
+        )
+    elif bool(config.norm_topk_prob) != LLAMA_CPP_NORM_TOPK[to]:
         notes.append(
             f"llama.cpp's {to.replace('_', '')} graph {'always' if LLAMA_CPP_NORM_TOPK[to] else 'never'} "
             f"renormalises the top-k weights, but this model has norm_topk_prob={config.norm_topk_prob}: its GGUF "

@@ -183,3 +183,86 @@ def test_cli_exports_a_checkpoint_folder_and_repairs_an_old_one(tmp_path, capsys
     assert {"tokenizer.json", "eval.json", "modeling_qwenmoe_gb.py"} <= {p.name for p in (tmp_path / "hub").iterdir()}
     with pytest.raises(ValueError, match="out=''"):
         cli(["export", "--model", str(tmp_path / "run")])
+
+
+GLM4 = dict(
+    shared_expert_intermediate_size=0, router_scoring_func="sigmoid", aux_free=True, n_group=4, topk_group=2,
+    routed_scaling_factor=2.5, norm_topk_prob=True,
+)  # fmt: skip
+GLM4_CONFIGS = {
+    "qkv-bias": dict(qkv_bias=True),
+    "qk-norm": dict(use_qk_norm=True, qkv_bias=False, head_dim=16),
+    "no-groups-no-norm-topk": dict(n_group=1, topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0),
+}
+
+
+def make_glm4(**overrides) -> QwenMoeGBForCausalLM:
+    model = make(**{**GLM4, **overrides})
+    with torch.no_grad():
+        for router in model.model.moe_routers():
+            router.expert_bias.normal_(0, 0.2)  # a trained aux-free bias: it moves the selection
+    return model
+
+
+@pytest.mark.parametrize("name", GLM4_CONFIGS)
+def test_sigmoid_aux_free_group_limited_model_exports_to_glm4_moe_exactly(name):
+    model = make_glm4(**GLM4_CONFIGS[name])
+    stock = to_qwen_moe(model)
+    assert type(stock) is transformers.Glm4MoeForCausalLM
+    ids = torch.randint(1, 99, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    torch.testing.assert_close(stock(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits,
+                               rtol=1e-6, atol=1e-6)  # fmt: skip
+    unbiased = make_glm4(**GLM4_CONFIGS[name])
+    unbiased.load_state_dict(model.state_dict())
+    for router in unbiased.model.moe_routers():
+        router.expert_bias.zero_()
+    assert not torch.allclose(unbiased(ids).logits, model(ids).logits)  # the bias matters: the test would see a drop
+    ours = model.generate(ids[:1, 4:], max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours, stock.generate(ids[:1, 4:], max_new_tokens=8, do_sample=False, pad_token_id=0))
+
+
+def test_glm4_moe_export_folder_loads_without_the_package_and_round_trips(tmp_path):
+    model = make_glm4(expert_capacity_factor=1.25, balance_scope="global", device_balance_groups=2)
+    out = export_qwen_moe(model, tmp_path / "out", tokenizer=ByteTokenizer().to_hf())
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "glm4_moe" and "auto_map" not in config
+    assert (config["n_group"], config["topk_group"], config["routed_scaling_factor"]) == (4, 2, 2.5)
+    assert not [p for p in out.iterdir() if p.suffix == ".py"]
+    keys = load_file(out / "model.safetensors").keys()
+    assert "model.layers.1.mlp.gate.e_score_correction_bias" in keys
+    assert "model.layers.1.mlp.experts.7.down_proj.weight" in keys  # per-expert layout, as vLLM reads it
+    ids = torch.randint(1, 99, (2, 9))
+    torch.save(ids, tmp_path / "ids.pt")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    args = [sys.executable, "-c", LOAD_WITHOUT_PACKAGE, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "o.pt")]
+    subprocess.run(args, check=True, cwd=tmp_path, env=env, timeout=300)
+    torch.testing.assert_close(torch.load(tmp_path / "o.pt"), model(ids).logits, rtol=1e-6, atol=1e-6)
+    back = from_qwen_moe(str(out))
+    assert back.state_dict().keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+    for field in (
+        "n_group",
+        "topk_group",
+        "routed_scaling_factor",
+        "router_scoring_func",
+        "aux_free",
+        "expert_capacity_factor",
+        "balance_scope",
+        "device_balance_groups",
+        "router_aux_loss_coef",
+    ):
+        assert getattr(back.config, field) == getattr(model.config, field), field
+
+
+def test_a_gated_shared_expert_with_sigmoid_routing_is_refused_naming_each_target(tmp_path):
+    model = make_glm4(shared_expert_intermediate_size=32)
+    with pytest.raises(ValueError) as error:
+        export_qwen_moe(model, tmp_path / "out")
+    message = str(error.value)
+    for text in ("glm4_moe: shared_expert_intermediate_size=32 with its sigmoid gate", "qwen2_moe: n_group=4",
+                 "router_scoring_func='sigmoid'", "model_impl='transformers'"):  # fmt: skip
+        assert text in message, (text, message)
+    assert not (tmp_path / "out").exists()

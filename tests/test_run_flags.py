@@ -90,8 +90,22 @@ def test_moe_recompute_shapes_our_model_and_is_refused_for_a_transformers_moe(tm
 
 
 def test_routing_flags_shape_our_model_log_dead_experts_and_are_refused_for_a_transformers_moe(tmp_path):
-    routing = ["--n_group", "4", "--topk_group", "2", "--routed_scaling_factor", "2.0", "--router_scoring_func",
-               "sigmoid", "--aux_free", "true", "--expert_capacity_factor", "1.0", "--moe_token_drop_policy", "position"]  # fmt: skip
+    routing = [
+        "--n_group",
+        "4",
+        "--topk_group",
+        "2",
+        "--routed_scaling_factor",
+        "2.0",
+        "--router_scoring_func",
+        "sigmoid",
+        "--aux_free",
+        "true",
+        "--expert_capacity_factor",
+        "1.0",
+        "--moe_token_drop_policy",
+        "position",
+    ]
     pretrain([*QUICK, "--output_dir", str(tmp_path / "a"), *routing])
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     assert (config["n_group"], config["topk_group"], config["routed_scaling_factor"]) == (4, 2, 2.0)

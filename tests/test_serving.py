@@ -139,6 +139,36 @@ def test_vllm_serves_a_stock_qwen2_moe_export_natively(tmp_path):
     compare("export-qwen2-moe", result, greedy(model), "vllm")
 
 
+def test_vllm_serves_a_glm4_moe_export_of_a_group_limited_aux_free_model_natively(tmp_path):
+    """Sigmoid scores, a trained aux-free bias, group-limited routing and routed scaling: exported as GLM-4.5-MoE
+    (`to="auto"`), served by vLLM's own Glm4MoeForCausalLM token-exact; the bias changes the tokens."""
+    torch.manual_seed(2)
+    fields = dict(
+        shared_expert_intermediate_size=0,
+        qkv_bias=True,
+        norm_topk_prob=True,
+        router_scoring_func="sigmoid",
+        aux_free=True,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        expert_capacity_factor=1.0,
+    )
+    model = QwenMoeGBForCausalLM(shape(**fields)).eval()
+    with torch.no_grad():
+        for router in model.model.moe_routers():
+            router.expert_bias.copy_(torch.randn(8) * 0.3)
+    unbiased = QwenMoeGBForCausalLM(model.config).eval()
+    unbiased.load_state_dict({k: v for k, v in model.state_dict().items() if "expert_bias" not in k}, strict=False)
+    assert greedy(unbiased)[0] != greedy(model)[0]
+    export_qwen_moe(model, tmp_path / "stock", tokenizer=ByteTokenizer().to_hf())
+    result = vllm(tmp_path / "stock", tmp_path, "export-glm4-moe")
+    assert result["architecture"] == "Glm4MoeForCausalLM"
+    compare("export-glm4-moe", result, greedy(model), "vllm")
+    back = from_qwen_moe(str(tmp_path / "stock"))
+    assert greedy(back) == greedy(model)
+
+
 def test_fine_tune_round_trip_qwen3_moe_to_vllm(tmp_path):
     """A Qwen3-MoE checkpoint → `qwenmoe-gb pretrain --model_name_or_path` (global-batch balance, 2 accumulation
     steps) → `scripts/sft_example.py --lora --export` (LoRA SFT, merged, exported) → vLLM's native Qwen3-MoE. Tokens
