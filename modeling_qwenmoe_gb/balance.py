@@ -21,7 +21,9 @@ Features
   sharded with EP, else the virtual groups of `device_balance_groups`) and, under EP with `CountingAllToAllEP`,
   `maxvio_device_delivered` from what the all-to-all delivered; dead experts: `dead_experts` (experts that served no
   token in an optimizer step, all ranks and micro-steps, per layer and in total, averaged over the steps) and
-  `dead_experts_window` (no token over the last `dead_expert_window` steps, as of the last step).
+  `dead_experts_window` (no token over the last `dead_expert_window` steps, as of the last step); with capacity,
+  `dropped_fraction` (the share of the top-k selections dropped, per micro-step); under EP with `CountingAllToAllEP`,
+  `sent_off_rank` (the share of the (token, expert) rows the all-to-all sent to another rank).
 
 Loss-scale rule (the same for every scope): the objective of one optimizer step is the mean, over data-parallel
 ranks × accumulation micro-steps, of the per-micro-batch balance loss. The loss a micro-step returns is therefore a
@@ -38,7 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .any_moe import BALANCE_OPTIONS, StockMoE
-from .expert_parallel import delivered_counts, reset_delivered_counts
+from .expert_parallel import delivered_counts, reset_delivered_counts, sent_off_rank
 from .modeling_qwenmoe_gb import (
     RouterStats,
     balance_loss,
@@ -304,6 +306,9 @@ class GlobalBalancer:
             self._add("global_lbl", _sum_steps(per_layer_lbl(global_counts, stats), m))
             self._add("maxvio_micro", _sum_steps(max_violation(micro.counts).mean(-1), m))
             self._add("z_loss", _sum_steps(z.double(), m).mean())
+            if getattr(self.config, "expert_capacity_factor", None) is not None:  # selections dropped over capacity
+                routed = self.config.num_experts_per_tok * stats.num_tokens.sum(-1)  # (M·L,)
+                self._add("dropped_fraction", _sum_steps((1 - stats.counts.sum((-1, -2)) / routed).double(), m))
 
     def _add(self, name: str, value: torch.Tensor) -> None:
         self._sums[name] = self._sums[name] + value
@@ -327,6 +332,7 @@ class GlobalBalancer:
                     self._device_matrix = group_matrix(self.device_groups, self.config.num_experts, delivered.double())
                 self.last_delivered_counts = delivered
                 self._add("maxvio_device_delivered", max_violation(delivered.double() @ self._device_matrix))
+                self._add("sent_off_rank", sent_off_rank(self.model).to(delivered.device))
                 reset_delivered_counts(self.model)
         if self.config.aux_free and self.bias_update == "global":
             self._update_biases(counts)
@@ -386,7 +392,7 @@ class GlobalBalancer:
             return {}
         self._fold_pending()
         names = sorted(self._sums)
-        per_micro = {"micro_lbl", "global_lbl", "maxvio_micro", "z_loss"}
+        per_micro = {"micro_lbl", "global_lbl", "maxvio_micro", "z_loss", "dropped_fraction"}
         rows = []
         for name in names:
             value = torch.as_tensor(self._sums[name], dtype=torch.float64).cpu().reshape(-1)

@@ -8,7 +8,10 @@ Features
   `global+micro` (global + `micro_balance_coef` × micro, paper Table 5), `auxfree-micro` / `auxfree-global` (aux-free
   bias moved per micro-batch from local counts / per step from global counts), `micro->global` / `global->micro`
   (scope switched at `switch_step`, paper Table 3), `global+device` (global + the device-level loss over the
-  expert-parallel ranks, `device_balance_groups="ep"`, coefficient `arm_device_balance_coef`).
+  expert-parallel ranks, `device_balance_groups="ep"`, coefficient `arm_device_balance_coef`), `global+grouped`
+  (global + group-limited routing: `arm_n_group` groups, `arm_topk_group` per token; under EP with `arm_n_group =
+  ep_size` a token reaches at most `arm_topk_group` ranks), `global+cap<f>` (global + capacity factor f in training,
+  e.g. `global+cap1.25`; the report adds the dropped fraction).
 - Runs under `torchrun` with transformers' engine flags (`--fsdp_size 2 --ep_size 2`): every rank trains each arm,
   rank 0 writes the report. Under EP the report adds the load over devices: MaxVio over the EP ranks from the global
   counts and from what the all-to-all delivered.
@@ -56,6 +59,8 @@ class CompareArguments:
     domain_chunk: int = field(default=2, metadata={"help": "sequences per domain-pure chunk (the micro batch)"})
     arm_micro_balance_coef: float = field(default=0.01, metadata={"help": "micro coefficient of global+micro"})
     arm_device_balance_coef: float = field(default=0.1, metadata={"help": "device coefficient of global+device"})
+    arm_n_group: int = field(default=2, metadata={"help": "expert groups of global+grouped (= ep_size: devices)"})
+    arm_topk_group: int = field(default=1, metadata={"help": "groups per token of global+grouped"})
     switch_step: int | None = field(default=None, metadata={"help": "step of the scope switch (default: half)"})
     report_only: bool = field(default=False, metadata={"help": "skip training: rebuild the report from the runs"})
 
@@ -77,11 +82,24 @@ def arm_flags(arm: str, args: CompareArguments, max_steps: int) -> list[str]:
         "global->micro": ["--balance_scope", "global", "--balance_group_size", str(args.domain_chunk),
                           "--switch_scope_at", switch, "--switch_scope_to", "micro"],
     }  # fmt: skip
+    table["global+grouped"] = [*table["global"], "--n_group", str(args.arm_n_group),
+                               "--topk_group", str(args.arm_topk_group)]  # fmt: skip
     if arm in table:
         return table[arm]
+    if arm.startswith("global+cap") and _is_number(arm[len("global+cap") :]):
+        return [*table["global"], "--expert_capacity_factor", arm[len("global+cap") :]]
     if arm.startswith("bsz") and arm[3:].isdigit():
         return ["--balance_scope", "micro", "--balance_group_size", arm[3:]]
-    raise ValueError(f"arms: unknown arm {arm!r}: allowed {sorted(table)} or bsz<b> (e.g. bsz8)")
+    raise ValueError(
+        f"arms: unknown arm {arm!r}: allowed {sorted(table)}, bsz<b> (e.g. bsz8) or global+cap<f> (e.g. global+cap1.25)"
+    )
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
 
 
 def balance_bsz(arm: str, args: CompareArguments, batch: int, world: int, accumulation: int) -> int | None:
@@ -90,7 +108,7 @@ def balance_bsz(arm: str, args: CompareArguments, batch: int, world: int, accumu
         return args.domain_chunk
     if arm.startswith("bsz"):
         return int(arm[3:])
-    if arm in ("global", "global+device"):
+    if arm in ("global", "global+device", "global+grouped") or arm.startswith("global+cap"):
         return batch * world * accumulation
     return None
 
@@ -147,7 +165,7 @@ def summarize(runs: dict[str, dict[int, dict]], bsz: dict[str, int | None]) -> d
             "maxvio_global": [_training_mean(r["history"], "balance/maxvio_global") for r in seeds.values()],
             "maxvio_micro": [_training_mean(r["history"], "balance/maxvio_micro") for r in seeds.values()],
         }
-        for key in ("maxvio_device", "maxvio_device_delivered"):  # devices: EP ranks (or virtual groups)
+        for key in ("maxvio_device", "maxvio_device_delivered", "dropped_fraction", "sent_off_rank", "dead_experts"):
             values = [_training_mean(r["history"], f"balance/{key}") for r in seeds.values()]
             if not any(v != v for v in values):  # logged in every run (no NaN)
                 row[key] = values
@@ -166,6 +184,9 @@ def report_markdown(summary: dict, command: str, seeds: list[int]) -> str:
     head = ["arm", "balance BSZ", "avg PPL", "Δ vs micro", *[f"PPL {d}" for d in domains], "spec. KL",
             "max expert freq", "MaxVio global", "MaxVio micro"]  # fmt: skip
     head += ["MaxVio device"] * device + ["MaxVio device (all-to-all)"] * delivered
+    optional = {"dropped_fraction": "dropped", "sent_off_rank": "sent off-rank", "dead_experts": "dead experts"}
+    shown = [k for k in optional if any(k in row for row in summary.values())]  # a column where any arm logs it
+    head += [optional[k] for k in shown]
     lines = [
         "# QwenMoE-GB: micro vs global balance",
         "",
@@ -190,6 +211,7 @@ def report_markdown(summary: dict, command: str, seeds: list[int]) -> str:
             _fmt(row["maxvio_micro"]),
             *([_fmt(row["maxvio_device"])] if device else []),
             *([_fmt(row["maxvio_device_delivered"])] if delivered else []),
+            *[_fmt(row[k], 4) if k in row else "0" if k == "dropped_fraction" else "—" for k in shown],
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
@@ -198,7 +220,9 @@ def report_markdown(summary: dict, command: str, seeds: list[int]) -> str:
         "I(domain; expert), the mean KL of each domain's expert distribution from the mixture's. MaxVio: mean over "
         "training logs of (max load − mean load) / mean load, global = whole step, micro = each micro-batch, device = "
         "the tokens each expert-parallel rank receives in a step (from the global counts, and as the all-to-all "
-        "delivered them).",
+        "delivered them). dropped: the share of the top-k selections dropped over capacity (training). sent "
+        "off-rank: the share of the (token, expert) rows the all-to-all sent to another rank. dead experts: experts "
+        "(summed over layers) that served no token in a step, mean over training logs.",
         "",
         "![PPL against balance BSZ](ppl_vs_balance_bsz.png)",
         "![micro vs global heatmaps](heatmaps_micro_vs_global.png)",

@@ -6,7 +6,8 @@ Features
   all-to-all delivered to this rank in training (`experts.delivered_counts`, int64). `qwenmoe-gb pretrain --ep_size N`
   selects it; elsewhere pass `DistributedConfig(ep_size=N, ep_implementation=COUNTED_ALL_TO_ALL)`.
 - `delivered_counts(model)`: the (L, E) counts delivered to every expert since the last reset, summed over all ranks
-  (one all-reduce), or None when the model does not count; `reset_delivered_counts(model)`.
+  (one all-reduce), or None when the model does not count; `sent_off_rank(model)`: the share of the rows each
+  layer's all-to-all sent to another rank (what group-limited routing bounds); `reset_delivered_counts(model)`.
 
 The balancer compares these with the router's global counts: the device-level MaxVio measured from the all-to-all
 (`balance/maxvio_device_delivered`) against the one computed from the counts (`balance/maxvio_device`).
@@ -28,6 +29,8 @@ class CountingAllToAllEP(AllToAllEP):
         super().__init__(experts, ep_mesh, tp_mesh)
         experts.delivered_counts = torch.zeros(self.num_local_experts, dtype=torch.long)
         experts.delivered_offset = ep_mesh.get_local_rank() * self.num_local_experts
+        experts.sent_rows = torch.zeros(2, dtype=torch.long)  # (token, expert) rows sent: [all, to another rank]
+        self.ep_rank = ep_mesh.get_local_rank()
         self.experts = experts
 
     def _dispatch_tokens(self, hidden_states, top_k_index, top_k_weights):
@@ -36,6 +39,9 @@ class CountingAllToAllEP(AllToAllEP):
             received = torch.bincount(expert_ids.view(-1), minlength=self.num_local_experts)  # (local E,)
             counts = self.experts.delivered_counts
             self.experts.delivered_counts = counts.to(received.device) + received
+            sizes = state.send_sizes  # host ints the dispatch already read back
+            sent = torch.tensor([sum(sizes), sum(sizes) - sizes[self.ep_rank]], dtype=torch.long)
+            self.experts.sent_rows = self.experts.sent_rows + sent
         return tokens, expert_ids, weights, state
 
 
@@ -63,9 +69,25 @@ def delivered_counts(model: nn.Module, num_experts: int) -> torch.Tensor | None:
     return counts
 
 
+@torch.no_grad()
+def sent_off_rank(model: nn.Module) -> torch.Tensor | None:
+    """(L,) float64: the share of the (token, expert) rows each MoE layer's all-to-all sent to another rank since the
+    last reset, over every rank (one all-reduce), or None without `CountingAllToAllEP`."""
+    experts = _counting_experts(model)
+    if not experts:
+        return None
+    rows = torch.stack([module.sent_rows for module in experts])  # (L, 2)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        rows = rows.to(experts[0].delivered_counts.device)
+        dist.all_reduce(rows)
+    rows = rows.double().cpu()
+    return rows[:, 1] / rows[:, 0].clamp_min(1)
+
+
 def reset_delivered_counts(model: nn.Module) -> None:
     for module in _counting_experts(model):
         module.delivered_counts = torch.zeros_like(module.delivered_counts)
+        module.sent_rows = torch.zeros_like(module.sent_rows)
 
 
-__all__ = ["COUNTED_ALL_TO_ALL", "CountingAllToAllEP", "delivered_counts", "reset_delivered_counts"]
+__all__ = ["COUNTED_ALL_TO_ALL", "CountingAllToAllEP", "delivered_counts", "reset_delivered_counts", "sent_off_rank"]

@@ -13,6 +13,11 @@ from tests.conftest import tiny_config
 
 SEQ = 12
 MICRO = 2
+# every routing option on: sigmoid scores, aux-free, group-limited routing, routed scaling, capacity dropping
+ROUTING = dict(
+    router_scoring_func="sigmoid", aux_free=True, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+    expert_capacity_factor=1.0, moe_token_drop_policy="probs", device_balance_groups=2, balance_scope="global",
+)  # fmt: skip
 
 
 def make_config(**overrides) -> QwenMoeGBConfig:

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from modeling_qwenmoe_gb import QwenMoeGBForCausalLM  # noqa: E402
 from modeling_qwenmoe_gb.balance import GlobalBalancer  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
-from tests.dist_common import batch_for, make_config, trainer_run  # noqa: E402
+from tests.dist_common import ROUTING, batch_for, make_config, trainer_run  # noqa: E402
 
 
 def ddp_global_vs_concat(out: Path, rank: int, scope: str) -> None:
@@ -61,6 +61,28 @@ def accumulation_buffer(out: Path, rank: int) -> None:
         {"buffers": buffers, "lbl": losses, "after_step": balancer.step_counts.clone(), "biases": biases},
         out / f"accum_rank{rank}.pt",
     )
+
+
+def routing_options(out: Path, rank: int) -> None:
+    """2 ranks × 2 accumulation micro-steps with every routing option on (float64): the buffer after each micro-step,
+    each micro-step's balance loss, the aux-free biases after the step; and with capacity off, the counts of one
+    micro-step (compared with one process on the concatenation)."""
+    for name, fields in (("routing", ROUTING), ("routing_dropless", {**ROUTING, "expert_capacity_factor": None})):
+        model = QwenMoeGBForCausalLM(make_config(**fields)).double().train()
+        model.set_experts_implementation("eager")
+        model.load_state_dict(torch.load(out / "init_routing.pt"))
+        balancer = GlobalBalancer(model)
+        buffers, losses = [], []
+        for micro in range(2):
+            ids = batch_for(step=micro, rank=rank)
+            outputs = model(input_ids=ids, labels=ids, add_balance_loss=False)
+            balance, _ = balancer(outputs.router_stats)
+            (outputs.loss + balance / 2).backward()
+            buffers.append(balancer.step_counts.clone())
+            losses.append(balance.detach())
+        balancer.step()
+        biases = torch.stack([r.expert_bias.clone() for r in model.model.moe_routers()])
+        torch.save({"buffers": buffers, "balance": losses, "biases": biases}, out / f"{name}_rank{rank}.pt")
 
 
 def subgroup_counts(out: Path, rank: int) -> None:
@@ -192,6 +214,7 @@ def main() -> None:
         trainer_run(out / f"trainer_{scope}_2x1x2", scope, batch=2, accumulation=1)
     trainer_run(out / "trainer_logged", "global", batch=2, accumulation=2, steps=3, save=True, aux_free=True)
     subgroup_counts(out, rank)
+    routing_options(out, rank)
     uneven_last_batch(out, rank)
     fsdp2_global(out, rank)
     native_parallel_forward(out, rank)

@@ -21,8 +21,10 @@ from modeling_qwenmoe_gb.expert_parallel import COUNTED_ALL_TO_ALL  # noqa: E402
 from tests.dist_common import batch_for  # noqa: E402
 
 COUNTED = {"ep_implementation": COUNTED_ALL_TO_ALL}
+RECOMPUTE = {mode: {"moe_recompute": mode} for mode in ("experts", "moe", "expert_act")}
+DEVICE_LIMITED = {"n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.0}
 # name -> (DistributedConfig arguments, balance scope, accumulation steps, do the two ranks hold distinct data,
-#          device_balance_groups)
+#          device_balance_groups[, further config fields])
 STEPS = {
     "fsdp2_global": ({"fsdp_size": 2}, "global", 1, True, None),
     "fsdp2_ep2_global_accum2": ({"fsdp_size": 2, "ep_size": 2}, "global", 2, True, None),
@@ -31,9 +33,18 @@ STEPS = {
     "tp2_global": ({"tp_size": 2}, "global", 1, False, None),
     "fsdp2_ep2_device_ep": ({"fsdp_size": 2, "ep_size": 2, **COUNTED}, "global", 2, True, "ep"),
     # MoE-aware recompute under FSDP2 + EP (the recomputed experts run their all-to-all again in backward)
-    "fsdp2_ep2_recompute_experts": ({"fsdp_size": 2, "ep_size": 2}, "global", 2, True, None, "experts"),
-    "fsdp2_ep2_recompute_moe": ({"fsdp_size": 2, "ep_size": 2}, "global", 2, True, None, "moe"),
-    "fsdp2_ep2_recompute_expert_act": ({"fsdp_size": 2, "ep_size": 2}, "global", 2, True, None, "expert_act"),
+    "fsdp2_ep2_recompute_experts": ({"fsdp_size": 2, "ep_size": 2}, "global", 2, True, None, RECOMPUTE["experts"]),
+    "fsdp2_ep2_recompute_moe": ({"fsdp_size": 2, "ep_size": 2}, "global", 2, True, None, RECOMPUTE["moe"]),
+    "fsdp2_ep2_recompute_expert_act": (
+        {"fsdp_size": 2, "ep_size": 2},
+        "global",
+        2,
+        True,
+        None,
+        RECOMPUTE["expert_act"],
+    ),
+    # device-limited routing: the 2 expert groups are the 2 EP ranks' experts, each token uses one of them
+    "fsdp2_ep2_device_limited": ({"fsdp_size": 2, "ep_size": 2, **COUNTED}, "global", 2, True, "ep", DEVICE_LIMITED),
 }
 # run with 4 processes (`... engine_worker.py OUT four`): HSDP (2 replicas × FSDP2) with EP over each replica's 2 ranks
 FOUR_PROCESS_STEPS = {
@@ -59,21 +70,21 @@ def load(out: Path, sizes: dict, **config) -> QwenMoeGBForCausalLM:
 
 def engine_step(out: Path, rank: int, name: str) -> None:
     """One optimizer step of a plain loop with the balancer: counts buffer per micro-step, gradients, aux-free bias."""
-    sizes, scope, accumulation, distinct, groups, *recompute = {**STEPS, **FOUR_PROCESS_STEPS}[name]
-    extra = {"moe_recompute": recompute[0]} if recompute else {}
-    model = load(out, sizes, balance_scope=scope, device_balance_groups=groups, **extra).train()
+    sizes, scope, accumulation, distinct, groups, *extra = {**STEPS, **FOUR_PROCESS_STEPS}[name]
+    model = load(out, sizes, balance_scope=scope, device_balance_groups=groups, **(extra[0] if extra else {})).train()
     balancer = GlobalBalancer(model)
-    buffers = []
+    buffers, routed = [], []
     for micro in range(accumulation):
         ids = batch_for(step=micro, rank=rank if distinct else 0)  # a TP group shares one batch
-        outputs = model(input_ids=ids, labels=ids, add_balance_loss=False)
+        outputs = model(input_ids=ids, labels=ids, add_balance_loss=False, output_routed_experts=True)
+        routed.append(outputs.routed_experts)  # (B, S, L, K): what the all-to-all dispatched
         balance, _ = balancer(outputs.router_stats)
         ((outputs.loss + balance) / accumulation).backward()
         buffers.append(balancer.step_counts.clone())
     balancer.step()
     grads = {n: full(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None}
     biases = torch.stack([r.expert_bias.clone() for r in model.model.moe_routers()])
-    seen = {"buffers": buffers, "grads": grads, "biases": biases, "groups": balancer.groups}
+    seen = {"buffers": buffers, "grads": grads, "biases": biases, "groups": balancer.groups, "routed": routed}
     seen.update(step_counts=balancer.last_step_counts, delivered=balancer.last_delivered_counts)
     seen["metrics"] = balancer.pop_metrics()
     torch.save(seen, out / f"{name}_rank{rank}.pt")

@@ -53,6 +53,21 @@ def test_unknown_arm_fails_before_training(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_routing_arms_report_the_dropped_fraction_and_group_limited_runs(tmp_path):
+    out = tmp_path / "cmp"
+    summary = compare(["--out", str(out), "--arms", "global,global+grouped,global+cap0.5", "--seeds", "0",
+                       "--arm_n_group", "4", "--arm_topk_group", "1", *TINY])  # fmt: skip
+    report = (out / "report.md").read_text()
+    assert " dropped |" in report.splitlines()[6]  # the table's header row
+    config = json.loads((out / "global_plus_grouped" / "seed0" / "config.json").read_text())
+    assert (config["n_group"], config["topk_group"]) == (4, 1)
+    assert json.loads((out / "global_plus_cap0.5" / "seed0" / "config.json").read_text())["expert_capacity_factor"] == 0.5
+    assert summary["global+cap0.5"]["dropped_fraction"][0] > 0.2  # half the capacity a balanced router needs
+    assert "dropped_fraction" not in summary["global"]
+    with pytest.raises(ValueError, match="global\\+cap<f>"):
+        compare(["--out", str(tmp_path / "bad"), "--arms", "global+capx", *TINY])
+
+
 def test_a_rerun_keeps_finished_arms_and_overwrite_runs_them_again(tmp_path, capsys):
     out = tmp_path / "cmp"
     flags = ["--out", str(out), "--arms", "micro", "--seeds", "0", *TINY]

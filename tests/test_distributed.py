@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausal
 from modeling_qwenmoe_gb import QwenMoeGBForCausalLM, balance_loss, switch_balance_loss
 from modeling_qwenmoe_gb.balance import GlobalBalancer
 
-from .dist_common import batch_for, make_config, repeated_sequence_dataset, trainer_run
+from .dist_common import ROUTING, batch_for, make_config, repeated_sequence_dataset, trainer_run
 
 pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +33,10 @@ def workdir(tmp_path_factory):
     model = QwenMoeGBForCausalLM(make_config()).double()
     torch.save(model.state_dict(), out / "init.pt")
     torch.save(QwenMoeGBForCausalLM(make_config(aux_free=True)).state_dict(), out / "init_f32.pt")
+    routing = QwenMoeGBForCausalLM(make_config(**ROUTING)).double()
+    for router in routing.model.moe_routers():
+        router.expert_bias.normal_(0, 0.05)  # a trained bias: it moves selections
+    torch.save(routing.state_dict(), out / "init_routing.pt")
     save_parallel_checkpoints(out)
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     result = torchrun(out, env)
@@ -85,6 +89,37 @@ def test_global_scope_two_ranks_equal_one_process_on_the_concatenation(workdir):
         torch.testing.assert_close(seen["loss"], local.loss + expected, rtol=1e-6, atol=1e-9)
         for name, param in model.named_parameters():
             torch.testing.assert_close(seen["grads"][name], param.grad, rtol=1e-6, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("name", ["routing", "routing_dropless"])
+def test_every_routing_option_keeps_global_counts_exact_across_ranks(workdir, name):
+    """Sigmoid + aux-free + group-limited + routed scaling (+ capacity dropping): 2 ranks × 2 micro-steps against one
+    process running the same 4 micro-batches — the buffer after each micro-step and the aux-free biases exactly, each
+    micro-step's loss to float64 rounding. Capacity is per forward, so the reference runs the same forwards; without
+    capacity, one forward of all 4 micro-batches counts the same."""
+    fields = ROUTING if name == "routing" else {**ROUTING, "expert_capacity_factor": None}
+    model = QwenMoeGBForCausalLM(make_config(**fields)).double().train()
+    model.set_experts_implementation("eager")
+    model.load_state_dict(torch.load(workdir / "init_routing.pt"))
+    stats = {(m, r): model(input_ids=batch_for(m, r)).router_stats for m in range(2) for r in range(2)}
+    served = {key: s.counts.sum(1).round().long() for key, s in stats.items()}
+    buffers = [served[0, 0] + served[0, 1], served[0, 0] + served[0, 1] + served[1, 0] + served[1, 1]]
+    if name == "routing":
+        assert buffers[1].sum() < 2 * 4 * 2 * 12 * 2  # some selections were dropped (L=2, K=2, 4 × 2 × 12 tokens)
+    else:
+        everything = torch.cat([batch_for(m, r) for m in range(2) for r in range(2)])
+        concatenated = model(input_ids=everything).router_stats.counts.sum(1).round().long()
+        torch.testing.assert_close(concatenated, buffers[1], rtol=0, atol=0)
+    rate = model.config.aux_free_bias_update_rate
+    start = torch.stack([r.expert_bias.clone() for r in model.model.moe_routers()])
+    expected_bias = start + (rate * torch.sign(buffers[1].double().mean(-1, keepdim=True) - buffers[1].double()))
+    for rank in range(2):
+        seen = torch.load(workdir / f"{name}_rank{rank}.pt")
+        for micro in range(2):
+            torch.testing.assert_close(seen["buffers"][micro], buffers[micro], rtol=0, atol=0)
+            expected, _ = balance_loss(model.config, stats[micro, rank], global_counts=buffers[micro])
+            torch.testing.assert_close(seen["balance"][micro], expected.detach(), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(seen["biases"], expected_bias.to(seen["biases"].dtype), rtol=0, atol=1e-12)
 
 
 def test_micro_scope_differs_from_the_global_reference(workdir):

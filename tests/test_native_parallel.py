@@ -47,10 +47,12 @@ def workdir(tmp_path_factory):
     return out
 
 
-def reference_step(out: Path, scope: str, accumulation: int, ranks: int, groups=None) -> dict:
+def reference_step(out: Path, scope: str, accumulation: int, ranks: int, groups=None, **config) -> dict:
     """One process: the data of `ranks` ranks × `accumulation` micro-steps, each rank's loss with the counts of every
     rank's micro-steps so far (global scope), averaged over ranks and micro-steps."""
-    model = QwenMoeGBForCausalLM.from_pretrained(out / "ckpt", balance_scope=scope, device_balance_groups=groups)
+    model = QwenMoeGBForCausalLM.from_pretrained(
+        out / "ckpt", balance_scope=scope, device_balance_groups=groups, **config
+    )
     model.train()
     running, buffers = torch.zeros(2, 8, dtype=torch.long), []
     for micro in range(accumulation):
@@ -71,11 +73,13 @@ def reference_step(out: Path, scope: str, accumulation: int, ranks: int, groups=
 def test_engine_step_equals_one_process(workdir, name):
     """Counts buffer per micro-step (exact; a TP group counts its shared batch once), every gradient, and the aux-free
     bias (identical on every rank) equal one process on the same data (2 processes; 4 for HSDP 2 × 2 with EP)."""
-    _, scope, accumulation, distinct, groups, *_ = {**STEPS, **FOUR_PROCESS_STEPS}[name]  # the reference: no recompute
+    _, scope, accumulation, distinct, groups, *extra = {**STEPS, **FOUR_PROCESS_STEPS}[name]
+    config = {k: v for k, v in (extra[0] if extra else {}).items() if k != "moe_recompute"}  # reference: no recompute
     world = 4 if name in FOUR_PROCESS_STEPS else 2
     ep_blocks = [[0, 1, 2, 3], [4, 5, 6, 7]]  # what EP rank 0 and 1 hold: the one-process reference's explicit groups
     reference_groups = ep_blocks if groups == "ep" else groups
-    expected = reference_step(workdir, scope, accumulation, ranks=world if distinct else 1, groups=reference_groups)
+    ranks = world if distinct else 1
+    expected = reference_step(workdir, scope, accumulation, ranks=ranks, groups=reference_groups, **config)
     seen = [torch.load(workdir / f"{name}_rank{rank}.pt") for rank in range(world)]
     for rank_seen in seen:
         for got, want in zip(rank_seen["buffers"], expected["buffers"]):
@@ -104,6 +108,22 @@ def test_device_maxvio_from_the_all_to_all_equals_the_one_from_the_counts(workdi
             assert measured == pytest.approx(seen["metrics"][f"balance/maxvio_device/layer_{layer}"], abs=1e-12)
             assert measured == pytest.approx(float(expected[layer]), abs=1e-12)
         assert seen["metrics"]["balance/maxvio_device"] > 0
+
+
+def test_device_limited_routing_bounds_the_ranks_each_token_reaches_under_ep(workdir):
+    """n_group = ep_size = 2, topk_group = 1: every token's experts lie on one EP rank (so its pairs go to at most one
+    rank); without the limit some tokens reach both. The all-to-all delivered exactly the chosen pairs."""
+    for rank in range(2):
+        limited = torch.load(workdir / f"fsdp2_ep2_device_limited_rank{rank}.pt")
+        free = torch.load(workdir / f"fsdp2_ep2_device_ep_rank{rank}.pt")
+        torch.testing.assert_close(limited["delivered"], limited["step_counts"], rtol=0, atol=0)
+        for routed, bound in ((limited["routed"], 1), (free["routed"], 2)):
+            owner = torch.cat(routed) // 4  # (B, S, L, K): the EP rank holding each chosen expert
+            reached = (owner == 0).any(-1).long() + (owner == 1).any(-1).long()  # (B, S, L) ranks per token
+            assert reached.max() == bound
+        limited_off = (torch.cat(limited["routed"]) // 4 != rank).any(-1).float().mean()
+        free_off = (torch.cat(free["routed"]) // 4 != rank).any(-1).float().mean()
+        assert limited_off < free_off  # fewer tokens leave the rank at all
 
 
 def test_global_and_micro_steps_differ(workdir):

@@ -268,3 +268,27 @@ def test_dead_expert_metrics_per_step_and_over_the_window():
     again.load_state_dict(state)
     again._micro_steps = 1  # a resumed run logs the same window
     assert again.pop_metrics()["balance/dead_experts_window"] == metrics["balance/dead_experts_window"]
+
+
+def test_dropped_fraction_metric_counts_the_sentinels_the_experts_skipped():
+    from modeling_qwenmoe_gb.balance import GlobalBalancer
+
+    model = capacity_model("eager", expert_capacity_factor=0.75).float()
+    balancer = GlobalBalancer(model)
+    dropped = []
+    for _ in range(2):  # two micro-steps of one optimizer step
+        ids = torch.randint(0, 99, (2, 24))
+        out = model(input_ids=ids, labels=ids, output_routed_experts=True)
+        balancer(out.router_stats)
+        dropped.append((out.routed_experts == 8).float().mean((0, 1, 3)))  # (L,): sentinel share per layer
+    balancer.step()
+    metrics = balancer.pop_metrics()
+    expected = torch.stack(dropped).mean(0)
+    for layer in range(2):
+        assert metrics[f"balance/dropped_fraction/layer_{layer}"] == pytest.approx(float(expected[layer]), abs=1e-6)
+    assert metrics["balance/dropped_fraction"] > 0.05
+    dropless = capacity_model("eager", expert_capacity_factor=None).float()
+    plain = GlobalBalancer(dropless)
+    plain(dropless(input_ids=ids, labels=ids).router_stats)
+    plain.step()
+    assert "balance/dropped_fraction" not in plain.pop_metrics()
