@@ -127,6 +127,7 @@ def specialization_stats(counts: dict[str, torch.Tensor], top_k: int) -> dict:
         "max_expert_frequency": dict(zip(domains, freq.amax(-1).mean(-1).tolist())),
         "max_expert_frequency_per_layer": {d: freq[i].amax(-1).tolist() for i, d in enumerate(domains)},
         "frequency": {d: freq[i].tolist() for i, d in enumerate(domains)},
+        "dead_experts": [torch.nonzero(layer == 0).flatten().tolist() for layer in stacked.sum(0)],  # per layer
     }
 
 
@@ -137,7 +138,8 @@ def specialization_report(routed: dict, top_k: int) -> dict:
 
 
 def plot_heatmaps(report: dict, path: Path, title: str = "") -> Path:
-    """Selection frequency, one panel per MoE layer: domains × experts (paper Figure 1b)."""
+    """Selection frequency, one panel per MoE layer: domains × experts (paper Figure 1b); experts that no token of
+    any domain selected (dead) have red labels and are counted per layer."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,7 +154,12 @@ def plot_heatmaps(report: dict, path: Path, title: str = "") -> Path:
         image = ax.imshow(freq[:, layer], aspect="auto", cmap="viridis", vmin=0, vmax=float(freq.max()))
         ax.set_yticks(range(len(domains)), domains, fontsize=8)
         ax.set_xticks(range(experts), [str(e) for e in range(experts)], fontsize=6)
-        ax.set_ylabel(f"layer {layer}", fontsize=8)
+        dead = set(report.get("dead_experts", [[]] * layers)[layer])
+        for tick, expert in zip(ax.get_xticklabels(), range(experts)):
+            if expert in dead:  # served no token of any domain: marked in red
+                tick.set_color("red")
+                tick.set_fontweight("bold")
+        ax.set_ylabel(f"layer {layer}" + (f" ({len(dead)} dead)" if dead else ""), fontsize=8)
     axes[-1].set_xlabel("expert")
     fig.colorbar(image, ax=axes, shrink=0.6, label="share of tokens selecting the expert")
     fig.suptitle(title or f"expert selection frequency (specialization KL {report['specialization_kl']:.3f})")

@@ -191,3 +191,14 @@ def test_byte_tokenizer_as_a_transformers_tokenizer_has_identical_ids(tmp_path):
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(tmp_path)("ab")["input_ids"] == [97, 98]
+
+
+def test_dead_experts_of_the_analysis_are_those_no_domain_selected(tmp_path):
+    import torch
+
+    from modeling_qwenmoe_gb.analysis import plot_heatmaps, specialization_stats
+
+    counts = {"a": torch.tensor([[10.0, 0, 0, 10], [5, 5, 0, 5]]), "b": torch.tensor([[0.0, 10, 0, 0], [5, 5, 0, 0]])}
+    report = specialization_stats(counts, 2)
+    assert report["dead_experts"] == [[2], [2]]  # expert 1 of layer 0 and 3 of layer 1 serve one domain: alive
+    assert plot_heatmaps(report, tmp_path / "h.png").stat().st_size > 0
