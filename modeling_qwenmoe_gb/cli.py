@@ -5,7 +5,7 @@
     qwenmoe-gb analyze  --model DIR [data flags]                               # expert specialization + plots
     qwenmoe-gb compare  [compare flags]                                        # micro vs global arms (reproduction)
     qwenmoe-gb bench    [benchmark flags]                                      # = scripts/benchmark.py
-    qwenmoe-gb export   --model DIR --out DIR [--to auto|qwen3_moe|qwen2_moe|qwenmoe_gb]   # stock Qwen-MoE
+    qwenmoe-gb export   --model DIR --out DIR [--to auto|qwen3_moe|qwen2_moe|glm4_moe|qwenmoe_gb]   # stock MoE
     qwenmoe-gb push     --model DIR --repo_id USER/NAME                        # upload either form to the Hub
 
 `pretrain` with no flags trains the `demo` preset with global-batch balance on the embedded synthetic corpus (4
@@ -64,9 +64,9 @@ class ExportArguments:
     to: str = field(
         default="auto",
         metadata={
-            "help": "qwen3_moe / qwen2_moe: a stock checkpoint (no code, no trust_remote_code); auto: the one that "
-            "represents the model exactly; qwenmoe_gb: re-save in this project's Hub format with the current code "
-            "and a complete auto_map (repairs checkpoints saved by earlier versions)",
+            "help": "qwen3_moe / qwen2_moe / glm4_moe: a stock checkpoint (no code, no trust_remote_code); auto: "
+            "the one that represents the model exactly; qwenmoe_gb: re-save in this project's Hub format with the "
+            "current code and a complete auto_map (repairs checkpoints saved by earlier versions)",
             "choices": [*EXPORT_TARGETS, "qwenmoe_gb"],
         },
     )
