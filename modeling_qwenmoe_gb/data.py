@@ -238,7 +238,7 @@ def read_jsonl(path: Path, text_field: str = "text", max_docs: int | None = None
     """The `text_field` of the first `max_docs` rows of a JSON-lines file (blank lines skipped); `ValueError` naming
     the file and the line of a row that is not UTF-8, not JSON, not an object or without the field."""
     texts = []
-    lines = check_utf8(path).decode("utf-8").splitlines()
+    lines = check_utf8(path).decode("utf-8").split("\n")  # not splitlines(): U+2028 etc. may sit inside a string
     for number, line in enumerate(lines, start=1):
         if max_docs is not None and len(texts) >= max_docs:
             break

@@ -202,3 +202,14 @@ def test_dead_experts_of_the_analysis_are_those_no_domain_selected(tmp_path):
     report = specialization_stats(counts, 2)
     assert report["dead_experts"] == [[2], [2]]  # expert 1 of layer 0 and 3 of layer 1 serve one domain: alive
     assert plot_heatmaps(report, tmp_path / "h.png").stat().st_size > 0
+
+
+def test_jsonl_rows_may_hold_unicode_line_separators_and_crlf(tmp_path):
+    """JSON lines are split at newlines only: U+2028 / U+0085 inside a string (real GSM8K rows have them) and \\r\\n
+    endings load as they are."""
+    from modeling_qwenmoe_gb.data import read_jsonl
+
+    texts = ["one\u2028two", "three\x85four", "plain"]
+    path = tmp_path / "train.jsonl"
+    path.write_bytes("\r\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in texts).encode() + b"\r\n")
+    assert read_jsonl(path) == texts
