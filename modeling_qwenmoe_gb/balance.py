@@ -23,7 +23,8 @@ Features
   token in an optimizer step, all ranks and micro-steps, per layer and in total, averaged over the steps) and
   `dead_experts_window` (no token over the last `dead_expert_window` steps, as of the last step); with capacity,
   `dropped_fraction` (the share of the top-k selections dropped, per micro-step); under EP with `CountingAllToAllEP`,
-  `sent_off_rank` (the share of the (token, expert) rows the all-to-all sent to another rank).
+  `sent_off_rank` (the share of the (token, expert) rows the all-to-all sent to another rank) and `tokens_off_rank`
+  (the share of tokens with a row sent to another rank).
 
 Loss-scale rule (the same for every scope): the objective of one optimizer step is the mean, over data-parallel
 ranks × accumulation micro-steps, of the per-micro-batch balance loss. The loss a micro-step returns is therefore a
@@ -332,7 +333,9 @@ class GlobalBalancer:
                     self._device_matrix = group_matrix(self.device_groups, self.config.num_experts, delivered.double())
                 self.last_delivered_counts = delivered
                 self._add("maxvio_device_delivered", max_violation(delivered.double() @ self._device_matrix))
-                self._add("sent_off_rank", sent_off_rank(self.model).to(delivered.device))
+                rows, tokens = sent_off_rank(self.model)
+                self._add("sent_off_rank", rows.to(delivered.device))
+                self._add("tokens_off_rank", tokens.to(delivered.device))
                 reset_delivered_counts(self.model)
         if self.config.aux_free and self.bias_update == "global":
             self._update_biases(counts)

@@ -165,7 +165,14 @@ def summarize(runs: dict[str, dict[int, dict]], bsz: dict[str, int | None]) -> d
             "maxvio_global": [_training_mean(r["history"], "balance/maxvio_global") for r in seeds.values()],
             "maxvio_micro": [_training_mean(r["history"], "balance/maxvio_micro") for r in seeds.values()],
         }
-        for key in ("maxvio_device", "maxvio_device_delivered", "dropped_fraction", "sent_off_rank", "dead_experts"):
+        for key in (
+            "maxvio_device",
+            "maxvio_device_delivered",
+            "dropped_fraction",
+            "sent_off_rank",
+            "tokens_off_rank",
+            "dead_experts",
+        ):
             values = [_training_mean(r["history"], f"balance/{key}") for r in seeds.values()]
             if not any(v != v for v in values):  # logged in every run (no NaN)
                 row[key] = values
@@ -184,7 +191,8 @@ def report_markdown(summary: dict, command: str, seeds: list[int]) -> str:
     head = ["arm", "balance BSZ", "avg PPL", "Δ vs micro", *[f"PPL {d}" for d in domains], "spec. KL",
             "max expert freq", "MaxVio global", "MaxVio micro"]  # fmt: skip
     head += ["MaxVio device"] * device + ["MaxVio device (all-to-all)"] * delivered
-    optional = {"dropped_fraction": "dropped", "sent_off_rank": "sent off-rank", "dead_experts": "dead experts"}
+    optional = {"dropped_fraction": "dropped", "sent_off_rank": "rows off-rank", "tokens_off_rank": "tokens off-rank",
+                "dead_experts": "dead experts"}  # fmt: skip
     shown = [k for k in optional if any(k in row for row in summary.values())]  # a column where any arm logs it
     head += [optional[k] for k in shown]
     lines = [
@@ -220,8 +228,9 @@ def report_markdown(summary: dict, command: str, seeds: list[int]) -> str:
         "I(domain; expert), the mean KL of each domain's expert distribution from the mixture's. MaxVio: mean over "
         "training logs of (max load − mean load) / mean load, global = whole step, micro = each micro-batch, device = "
         "the tokens each expert-parallel rank receives in a step (from the global counts, and as the all-to-all "
-        "delivered them). dropped: the share of the top-k selections dropped over capacity (training). sent "
-        "off-rank: the share of the (token, expert) rows the all-to-all sent to another rank. dead experts: experts "
+        "delivered them). dropped: the share of the top-k selections dropped over capacity (training). rows "
+        "off-rank: the share of the (token, expert) rows the all-to-all sent to another rank; tokens off-rank: of the "
+        "tokens with at least one row sent to another rank. dead experts: experts "
         "(summed over layers) that served no token in a step, mean over training logs.",
         "",
         "![PPL against balance BSZ](ppl_vs_balance_bsz.png)",

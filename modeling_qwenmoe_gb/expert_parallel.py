@@ -6,8 +6,9 @@ Features
   all-to-all delivered to this rank in training (`experts.delivered_counts`, int64). `qwenmoe-gb pretrain --ep_size N`
   selects it; elsewhere pass `DistributedConfig(ep_size=N, ep_implementation=COUNTED_ALL_TO_ALL)`.
 - `delivered_counts(model)`: the (L, E) counts delivered to every expert since the last reset, summed over all ranks
-  (one all-reduce), or None when the model does not count; `sent_off_rank(model)`: the share of the rows each
-  layer's all-to-all sent to another rank (what group-limited routing bounds); `reset_delivered_counts(model)`.
+  (one all-reduce), or None when the model does not count; `sent_off_rank(model)`: the shares of the rows each
+  layer's all-to-all sent to another rank and of the tokens that reached another rank (what device-limited routing
+  bounds); `reset_delivered_counts(model)`.
 
 The balancer compares these with the router's global counts: the device-level MaxVio measured from the all-to-all
 (`balance/maxvio_device_delivered`) against the one computed from the counts (`balance/maxvio_device`).
@@ -29,7 +30,8 @@ class CountingAllToAllEP(AllToAllEP):
         super().__init__(experts, ep_mesh, tp_mesh)
         experts.delivered_counts = torch.zeros(self.num_local_experts, dtype=torch.long)
         experts.delivered_offset = ep_mesh.get_local_rank() * self.num_local_experts
-        experts.sent_rows = torch.zeros(2, dtype=torch.long)  # (token, expert) rows sent: [all, to another rank]
+        # sent in training: [(token, expert) rows, rows to another rank, tokens, tokens with a row to another rank]
+        experts.sent_rows = torch.zeros(4, dtype=torch.long)
         self.ep_rank = ep_mesh.get_local_rank()
         self.experts = experts
 
@@ -40,7 +42,9 @@ class CountingAllToAllEP(AllToAllEP):
             counts = self.experts.delivered_counts
             self.experts.delivered_counts = counts.to(received.device) + received
             sizes = state.send_sizes  # host ints the dispatch already read back
-            sent = torch.tensor([sum(sizes), sum(sizes) - sizes[self.ep_rank]], dtype=torch.long)
+            owner = top_k_index // self.num_local_experts  # (T, K): the EP rank of each chosen expert
+            away = (owner != self.ep_rank).any(-1).sum().cpu()  # tokens with at least one row to another rank
+            sent = torch.tensor([sum(sizes), sum(sizes) - sizes[self.ep_rank], owner.shape[0], int(away)])
             self.experts.sent_rows = self.experts.sent_rows + sent
         return tokens, expert_ids, weights, state
 
@@ -70,18 +74,20 @@ def delivered_counts(model: nn.Module, num_experts: int) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def sent_off_rank(model: nn.Module) -> torch.Tensor | None:
-    """(L,) float64: the share of the (token, expert) rows each MoE layer's all-to-all sent to another rank since the
-    last reset, over every rank (one all-reduce), or None without `CountingAllToAllEP`."""
+def sent_off_rank(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per MoE layer since the last reset, over every rank (one all-reduce), as (L,) float64 shares: the (token,
+    expert) rows the all-to-all sent to another rank, and the tokens with at least one row sent to another rank
+    (what device-limited routing bounds; transformers' dispatch sends one row per pair, so its row volume is not
+    deduplicated per rank). None without `CountingAllToAllEP`."""
     experts = _counting_experts(model)
     if not experts:
         return None
-    rows = torch.stack([module.sent_rows for module in experts])  # (L, 2)
+    sent = torch.stack([module.sent_rows for module in experts])  # (L, 4)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        rows = rows.to(experts[0].delivered_counts.device)
-        dist.all_reduce(rows)
-    rows = rows.double().cpu()
-    return rows[:, 1] / rows[:, 0].clamp_min(1)
+        sent = sent.to(experts[0].delivered_counts.device)
+        dist.all_reduce(sent)
+    sent = sent.double().cpu()
+    return sent[:, 1] / sent[:, 0].clamp_min(1), sent[:, 3] / sent[:, 2].clamp_min(1)
 
 
 def reset_delivered_counts(model: nn.Module) -> None:

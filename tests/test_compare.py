@@ -61,7 +61,9 @@ def test_routing_arms_report_the_dropped_fraction_and_group_limited_runs(tmp_pat
     assert " dropped |" in report.splitlines()[6]  # the table's header row
     config = json.loads((out / "global_plus_grouped" / "seed0" / "config.json").read_text())
     assert (config["n_group"], config["topk_group"]) == (4, 1)
-    assert json.loads((out / "global_plus_cap0.5" / "seed0" / "config.json").read_text())["expert_capacity_factor"] == 0.5
+    assert (
+        json.loads((out / "global_plus_cap0.5" / "seed0" / "config.json").read_text())["expert_capacity_factor"] == 0.5
+    )
     assert summary["global+cap0.5"]["dropped_fraction"][0] > 0.2  # half the capacity a balanced router needs
     assert "dropped_fraction" not in summary["global"]
     with pytest.raises(ValueError, match="global\\+cap<f>"):

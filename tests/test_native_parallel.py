@@ -124,6 +124,19 @@ def test_device_limited_routing_bounds_the_ranks_each_token_reaches_under_ep(wor
         limited_off = (torch.cat(limited["routed"]) // 4 != rank).any(-1).float().mean()
         free_off = (torch.cat(free["routed"]) // 4 != rank).any(-1).float().mean()
         assert limited_off < free_off  # fewer tokens leave the rank at all
+    for name in ("fsdp2_ep2_device_limited", "fsdp2_ep2_device_ep"):  # the logged shares equal the routing's
+        seen = [torch.load(workdir / f"{name}_rank{rank}.pt") for rank in range(2)]
+        owners = [torch.cat(s["routed"]) // 4 for s in seen]  # per rank (B, S, L, K)
+        for layer in range(2):
+            tokens = sum(int((o[:, :, layer] != r).any(-1).sum()) for r, o in enumerate(owners)) / (
+                2 * owners[0][..., 0, 0].numel()
+            )
+            rows = sum(int((o[:, :, layer] != r).sum()) for r, o in enumerate(owners)) / (
+                2 * owners[0][:, :, layer].numel()
+            )
+            metrics = seen[0]["metrics"]
+            assert metrics[f"balance/tokens_off_rank/layer_{layer}"] == pytest.approx(tokens, abs=1e-12)
+            assert metrics[f"balance/sent_off_rank/layer_{layer}"] == pytest.approx(rows, abs=1e-12)
 
 
 def test_global_and_micro_steps_differ(workdir):
