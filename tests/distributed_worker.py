@@ -38,19 +38,26 @@ def ddp_global_vs_concat(out: Path, rank: int, scope: str) -> None:
     )
 
 
+def micro_steps(model, balancer: GlobalBalancer, rank: int, steps: int) -> tuple[list, list]:
+    """`steps` accumulation micro-steps on this rank's data: the step buffer after each, and each (balance, parts)."""
+    buffers, balances = [], []
+    for micro in range(steps):
+        ids = batch_for(step=micro, rank=rank)
+        outputs = model(input_ids=ids, labels=ids, add_balance_loss=False)
+        balance, parts = balancer(outputs.router_stats)
+        (outputs.loss + balance / steps).backward()
+        buffers.append(balancer.step_counts.clone())
+        balances.append((balance, parts))
+    return buffers, balances
+
+
 def accumulation_buffer(out: Path, rank: int) -> None:
     """2 ranks × 4 accumulation micro-steps: the step buffer after each micro-step, then after the optimizer step."""
     model = QwenMoeGBForCausalLM(make_config(aux_free=True)).train()
     model.load_state_dict(torch.load(out / "init_f32.pt"))
     balancer = GlobalBalancer(model)
-    buffers, losses = [], []
-    for micro in range(4):
-        ids = batch_for(step=micro, rank=rank)
-        outputs = model(input_ids=ids, labels=ids, add_balance_loss=False)
-        balance, parts = balancer(outputs.router_stats)
-        (outputs.loss + balance / 4).backward()
-        buffers.append(balancer.step_counts.clone())
-        losses.append(parts["lbl"].detach())
+    buffers, balances = micro_steps(model, balancer, rank, 4)
+    losses = [parts["lbl"].detach() for _, parts in balances]
     balancer.step()
     biases = torch.stack([r.expert_bias.clone() for r in model.model.moe_routers()])
     with torch.no_grad():  # eval must not touch the buffer
@@ -72,14 +79,8 @@ def routing_options(out: Path, rank: int) -> None:
         model.set_experts_implementation("eager")
         model.load_state_dict(torch.load(out / "init_routing.pt"))
         balancer = GlobalBalancer(model)
-        buffers, losses = [], []
-        for micro in range(2):
-            ids = batch_for(step=micro, rank=rank)
-            outputs = model(input_ids=ids, labels=ids, add_balance_loss=False)
-            balance, _ = balancer(outputs.router_stats)
-            (outputs.loss + balance / 2).backward()
-            buffers.append(balancer.step_counts.clone())
-            losses.append(balance.detach())
+        buffers, balances = micro_steps(model, balancer, rank, 2)
+        losses = [balance.detach() for balance, _ in balances]
         balancer.step()
         biases = torch.stack([r.expert_bias.clone() for r in model.model.moe_routers()])
         torch.save({"buffers": buffers, "balance": losses, "biases": biases}, out / f"{name}_rank{rank}.pt")

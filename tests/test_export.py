@@ -90,15 +90,20 @@ torch.save(model(torch.load(sys.argv[2])).logits, sys.argv[3])
 """
 
 
-def test_export_loads_in_transformers_without_the_package_or_remote_code(tmp_path):
-    model = make(**CONFIGS["qwen3"])
-    out = export_qwen_moe(model, tmp_path / "out")
+def assert_loads_without_the_package(out, model, tmp_path) -> None:
+    """transformers alone (the package blocked, no remote code) loads `out` and computes `model`'s logits."""
     ids = torch.randint(1, 99, (2, 9))
     torch.save(ids, tmp_path / "ids.pt")
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     args = [sys.executable, "-c", LOAD_WITHOUT_PACKAGE, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "o.pt")]
     subprocess.run(args, check=True, cwd=tmp_path, env=env, timeout=300)
     torch.testing.assert_close(torch.load(tmp_path / "o.pt"), model(ids).logits, rtol=1e-6, atol=1e-6)
+
+
+def test_export_loads_in_transformers_without_the_package_or_remote_code(tmp_path):
+    model = make(**CONFIGS["qwen3"])
+    out = export_qwen_moe(model, tmp_path / "out")
+    assert_loads_without_the_package(out, model, tmp_path)
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
@@ -233,12 +238,7 @@ def test_glm4_moe_export_folder_loads_without_the_package_and_round_trips(tmp_pa
     keys = load_file(out / "model.safetensors").keys()
     assert "model.layers.1.mlp.gate.e_score_correction_bias" in keys
     assert "model.layers.1.mlp.experts.7.down_proj.weight" in keys  # per-expert layout, as vLLM reads it
-    ids = torch.randint(1, 99, (2, 9))
-    torch.save(ids, tmp_path / "ids.pt")
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    args = [sys.executable, "-c", LOAD_WITHOUT_PACKAGE, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "o.pt")]
-    subprocess.run(args, check=True, cwd=tmp_path, env=env, timeout=300)
-    torch.testing.assert_close(torch.load(tmp_path / "o.pt"), model(ids).logits, rtol=1e-6, atol=1e-6)
+    assert_loads_without_the_package(out, model, tmp_path)
     back = from_qwen_moe(str(out))
     assert back.state_dict().keys() == model.state_dict().keys()
     for key, value in model.state_dict().items():
