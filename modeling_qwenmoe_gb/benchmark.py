@@ -277,10 +277,12 @@ def _outside(fn, context):
     return wrapped
 
 
-def kept_for_backward_mib(model, balancer, ids: torch.Tensor) -> float | None:
-    """MiB of activations alive when backward starts (torch's `MemTracker`, any device): what autograd saves plus what
-    selective activation checkpointing caches outside autograd (which saved-tensor hooks do not see); the measure of
-    what recompute saves. None where this torch has no MemTracker."""
+def tracked_memory(model, balancer, ids: torch.Tensor) -> tuple[float, float] | None:
+    """One forward + backward under torch's `MemTracker` (tensor lifetimes, any device): (MiB of activations alive
+    when backward starts: what autograd saves plus what selective activation checkpointing caches outside autograd,
+    which saved-tensor hooks do not see: the measure of what recompute saves; GiB peak of the live tensors, parameters,
+    gradients and activations: the CPU stand-in for `torch.cuda.max_memory_allocated`). None where this torch has no
+    MemTracker."""
     try:
         from torch.distributed._tools.mem_tracker import MemTracker
     except ImportError:
@@ -294,27 +296,9 @@ def kept_for_backward_mib(model, balancer, ids: torch.Tensor) -> float | None:
     if balancer is not None:
         balancer.step()
     model.zero_grad(set_to_none=True)
-    return sum(v for device in snapshot.values() for k, v in device.items() if "ACT" in str(k)) / 2**20
-
-
-def tracked_peak_gib(model, balancer, ids: torch.Tensor) -> float | None:
-    """Peak of the live tensors (parameters, gradients, activations) over one forward + backward, from torch's own
-    `MemTracker` (tensor lifetimes, any device): the CPU stand-in for `torch.cuda.max_memory_allocated`. None where
-    this torch has no MemTracker."""
-    try:
-        from torch.distributed._tools.mem_tracker import MemTracker
-    except ImportError:
-        return None
-    tracker = MemTracker()
-    tracker.track_external(model)
-    with tracker:
-        _, loss, _ = _train_loss(model, balancer, ids)
-        loss.backward()
-    if balancer is not None:
-        balancer.step()
-    model.zero_grad(set_to_none=True)
-    peak = tracker.get_tracker_snapshot("peak")
-    return sum(v["Total"] for v in peak.values()) / 2**30
+    kept = sum(v for device in snapshot.values() for k, v in device.items() if "ACT" in str(k))
+    peak = sum(v["Total"] for v in tracker.get_tracker_snapshot("peak").values())
+    return kept / 2**20, peak / 2**30
 
 
 def collective_cost_us(config: QwenMoeGBConfig, device: torch.device, iters: int = 200) -> float:
@@ -509,9 +493,10 @@ def run(args: argparse.Namespace) -> list[Result]:
         if args.accounting and compiled == "none":  # one more, untimed step under an op counter
             model, balancer = build(name, config, impl, device, dtype, state)
             ops, saved = step_accounting(model, balancer, batches[0])
-            kept = kept_for_backward_mib(model, balancer, batches[0])
+            tracked = tracked_memory(model, balancer, batches[0])
+            kept = tracked[0] if tracked else None
             if device.type == "cpu":  # no allocator peak on a CPU: the peak of live tensors instead
-                mem = tracked_peak_gib(model, balancer, batches[0])
+                mem = tracked[1] if tracked else None
             del model, balancer
             _release_memory()
         elif args.accounting and compiled == "model":  # kernels of the compiled graphs + the ops left eager
@@ -558,7 +543,7 @@ def largest_batch(name, config, impl, device, dtype, state, args, budget_gib: fl
             _backward_and_step(model, balancer, loss)
             peaks[batch] = torch.cuda.max_memory_allocated() / 2**30
         else:
-            peaks[batch] = tracked_peak_gib(model, balancer, ids)
+            peaks[batch] = tracked_memory(model, balancer, ids)[1]
         del model, balancer, ids
         _release_memory()
         return peaks[batch]

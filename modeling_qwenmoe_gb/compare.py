@@ -128,6 +128,11 @@ def _training_mean(history: list[dict], key: str) -> float:
 
 
 RUN_FILES = ("eval.json", "specialization.json", "log_history.json")
+# balance metrics some arms log (capacity, EP, ...): a report column where any arm has them
+OPTIONAL_COLUMNS = {
+    "dropped_fraction": "dropped", "sent_off_rank": "rows off-rank", "tokens_off_rank": "tokens off-rank",
+    "dead_experts": "dead experts",
+}  # fmt: skip
 
 
 def _finished(run_dir: Path, rest: list[str]) -> bool:
@@ -165,14 +170,7 @@ def summarize(runs: dict[str, dict[int, dict]], bsz: dict[str, int | None]) -> d
             "maxvio_global": [_training_mean(r["history"], "balance/maxvio_global") for r in seeds.values()],
             "maxvio_micro": [_training_mean(r["history"], "balance/maxvio_micro") for r in seeds.values()],
         }
-        for key in (
-            "maxvio_device",
-            "maxvio_device_delivered",
-            "dropped_fraction",
-            "sent_off_rank",
-            "tokens_off_rank",
-            "dead_experts",
-        ):
+        for key in ("maxvio_device", "maxvio_device_delivered", *OPTIONAL_COLUMNS):  # logged by some runs only
             values = [_training_mean(r["history"], f"balance/{key}") for r in seeds.values()]
             if not any(v != v for v in values):  # logged in every run (no NaN)
                 row[key] = values
@@ -191,10 +189,8 @@ def report_markdown(summary: dict, command: str, seeds: list[int]) -> str:
     head = ["arm", "balance BSZ", "avg PPL", "Δ vs micro", *[f"PPL {d}" for d in domains], "spec. KL",
             "max expert freq", "MaxVio global", "MaxVio micro"]  # fmt: skip
     head += ["MaxVio device"] * device + ["MaxVio device (all-to-all)"] * delivered
-    optional = {"dropped_fraction": "dropped", "sent_off_rank": "rows off-rank", "tokens_off_rank": "tokens off-rank",
-                "dead_experts": "dead experts"}  # fmt: skip
-    shown = [k for k in optional if any(k in row for row in summary.values())]  # a column where any arm logs it
-    head += [optional[k] for k in shown]
+    shown = [k for k in OPTIONAL_COLUMNS if any(k in row for row in summary.values())]  # where any arm logs it
+    head += [OPTIONAL_COLUMNS[k] for k in shown]
     lines = [
         "# QwenMoE-GB: micro vs global balance",
         "",

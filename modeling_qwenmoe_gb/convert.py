@@ -124,6 +124,16 @@ def from_qwen_moe(source: str, **kwargs) -> QwenMoeGBForCausalLM:
     return model
 
 
+def _fill_meta_buffers(module: torch.nn.Module, source: dict[str, torch.Tensor]) -> None:
+    """The buffers a meta-device build left empty (non-persistent ones, which no state dict carries): `source`'s
+    tensor of the same name, zeros where `source` has none."""
+    for name, buffer in list(module.named_buffers()):
+        if buffer.is_meta:
+            owner, _, attr = name.rpartition(".")
+            value = source[name] if name in source else torch.zeros(buffer.shape, dtype=buffer.dtype)
+            setattr(module.get_submodule(owner), attr, value)
+
+
 def glm4_moe_config(config: Glm4MoeConfig, **balance) -> QwenMoeGBConfig:
     """Our config for a GLM-4.5-MoE whose layers are all MoE with one shared expert of zeros (what the export
     writes): sigmoid scores, its groups and scaling, the training settings an export recorded."""
@@ -177,12 +187,7 @@ def _from_glm4_moe(source: str, source_config: Glm4MoeConfig, balance: dict, kwa
     with torch.device("meta"):
         model = QwenMoeGBForCausalLM(config)
     model.load_state_dict(state, strict=True, assign=True)
-    theirs = dict(stock.named_buffers())
-    for name, buffer in list(model.named_buffers()):  # non-persistent: the rotary frequencies, the step buffer
-        if buffer.is_meta:
-            owner, _, attr = name.rpartition(".")
-            value = theirs[name] if name in theirs else torch.zeros(buffer.shape, dtype=buffer.dtype)
-            setattr(model.get_submodule(owner), attr, value)
+    _fill_meta_buffers(model, dict(stock.named_buffers()))  # the rotary frequencies; our step buffer: zeros
     model.config._experts_implementation = stock.config._experts_implementation
     model.tie_weights()
     model.generation_config = stock.generation_config
@@ -549,11 +554,7 @@ def to_qwen_moe(model: QwenMoeGBForCausalLM, to: str = "auto") -> Qwen2MoeForCau
     with torch.device("meta"):
         stock = STOCK[target][1](config)
     stock.load_state_dict(_stock_state_dict(model, target), strict=True, assign=True)
-    ours = dict(model.named_buffers())
-    for name, buffer in list(stock.named_buffers()):  # non-persistent buffers (rotary frequencies): ours
-        if buffer.is_meta:
-            owner, _, attr = name.rpartition(".")
-            setattr(stock.get_submodule(owner), attr, ours[name])
+    _fill_meta_buffers(stock, dict(model.named_buffers()))  # the rotary frequencies: ours
     stock.config._experts_implementation = model.config._experts_implementation
     stock.tie_weights()
     stock.generation_config = model.generation_config

@@ -43,9 +43,10 @@ class CountingAllToAllEP(AllToAllEP):
             self.experts.delivered_counts = counts.to(received.device) + received
             sizes = state.send_sizes  # host ints the dispatch already read back
             owner = top_k_index // self.num_local_experts  # (T, K): the EP rank of each chosen expert
-            away = (owner != self.ep_rank).any(-1).sum().cpu()  # tokens with at least one row to another rank
-            sent = torch.tensor([sum(sizes), sum(sizes) - sizes[self.ep_rank], owner.shape[0], int(away)])
-            self.experts.sent_rows = self.experts.sent_rows + sent
+            away = (owner != self.ep_rank).any(-1).sum().view(1)  # tokens with a row to another rank (no host sync)
+            rows = torch.tensor([sum(sizes), sum(sizes) - sizes[self.ep_rank], owner.shape[0]], device=away.device)
+            sent = torch.cat([rows, away])  # (4,)
+            self.experts.sent_rows = self.experts.sent_rows.to(sent.device) + sent
         return tokens, expert_ids, weights, state
 
 

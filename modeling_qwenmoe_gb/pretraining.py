@@ -188,13 +188,7 @@ class ModelArguments:
                 f"moe_recompute={self.moe_recompute!r} applies to QwenMoE-GB models (a preset, --upcycle_from, "
                 "--convert_to_qwenmoe_gb): a transformers MoE trained as it is has whole-layer --gradient_checkpointing"
             )
-        for name in (
-            "n_group",
-            "topk_group",
-            "routed_scaling_factor",
-            "expert_capacity_factor",
-            "moe_token_drop_policy",
-        ):
+        for name in ROUTING_FLAGS:
             if getattr(self, name) is not None:
                 raise ValueError(
                     f"{name}={getattr(self, name)!r} applies to QwenMoE-GB models (a preset, --upcycle_from, "
@@ -212,10 +206,8 @@ class ModelArguments:
 
 
 # Model flags that set QwenMoE-GB config fields of the same name when given.
-OWN_MODEL_FLAGS = (
-    "router_scoring_func", "moe_recompute", "n_group", "topk_group", "routed_scaling_factor",
-    "expert_capacity_factor", "moe_token_drop_policy",
-)  # fmt: skip
+ROUTING_FLAGS = ("n_group", "topk_group", "routed_scaling_factor", "expert_capacity_factor", "moe_token_drop_policy")
+OWN_MODEL_FLAGS = ("router_scoring_func", "moe_recompute", *ROUTING_FLAGS)
 
 
 @dataclass
