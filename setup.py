@@ -16,7 +16,7 @@ setup(
         "modeling_qwenmoe_gb.model_cards": "model_cards",
     },
     package_data={
-        "modeling_qwenmoe_gb.configuration": ["*.json", "accelerate/*.yaml", "stock/*.json"],
+        "modeling_qwenmoe_gb.configuration": ["*.json", "accelerate/*.yaml", "accelerate/*.json", "stock/*.json"],
         "modeling_qwenmoe_gb": ["metrics/*/*.py"],
         "modeling_qwenmoe_gb.model_cards": ["*.md"],
     },

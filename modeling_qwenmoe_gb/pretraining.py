@@ -19,12 +19,14 @@ Features
 """
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser, TrainingArguments, set_seed
+from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
 
 from . import analysis
 from .any_moe import BALANCE_OPTIONS, StockMoE
@@ -295,6 +297,15 @@ class ParallelArguments:
 # ----------------------------------------------------------------------------------------- model building
 
 
+def initial_weights(model_class, config) -> dict[str, torch.Tensor]:
+    """The state dict of `model_class(config)` initialised in full in this process from the seed, as one process,
+    DDP and the native engine draw it. Under DeepSpeed ZeRO-3, `from_config` initialises inside `zero.Init` (each
+    rank draws its own partition, other weights than any other engine); the full draw, loaded with `from_pretrained`
+    (which partitions as it loads), gives the same weights on every engine. A plain dict: transformers' ZeRO-3 loading
+    fails on a state dict's `_metadata` (it sets it on a dict)."""
+    return dict(model_class(config).state_dict())
+
+
 def build_model(
     model_args: ModelArguments, data_args: DataArguments, tokenizer, distributed_config=None
 ) -> QwenMoeGBForCausalLM:
@@ -318,11 +329,12 @@ def build_model(
         config = AutoConfig.from_pretrained(model_args.model_config, **overrides, **shape)  # derived fields follow
         if vocab > config.vocab_size:
             config.vocab_size = vocab
-        if distributed_config is None:
+        if distributed_config is None and not is_deepspeed_zero3_enabled():
             model = AutoModelForCausalLM.from_config(config, **kwargs)  # random init at the run's seed, its own class
         else:  # initialised here (the same on every rank: same seed), sharded as it loads
-            initial = AutoModelForCausalLM.from_config(config)
-            model = type(initial).from_pretrained(None, config=config, state_dict=initial.state_dict(), **kwargs)
+            model_class = AutoModelForCausalLM._model_mapping[type(config)]
+            weights = initial_weights(model_class, config)
+            model = model_class.from_pretrained(None, config=config, state_dict=weights, **kwargs)
         StockMoE(model, **options).remove()  # checked now, before anything is written (the trainer hooks it again)
     elif model_args.model_name_or_path and not trains_as_qwenmoe_gb(model_args):
         source = model_args.model_name_or_path
@@ -344,10 +356,10 @@ def build_model(
         config = load_preset(model_args.preset, **{**model_args.architecture(), **model_args.balance_fields()})
         if vocab > config.vocab_size:
             config.vocab_size = vocab
-        if distributed_config is None:
+        if distributed_config is None and not is_deepspeed_zero3_enabled():
             model = QwenMoeGBForCausalLM._from_config(config, **kwargs)
         else:  # initialised here (the same on every rank: same seed), sharded as it loads
-            weights = QwenMoeGBForCausalLM._from_config(config).state_dict()
+            weights = initial_weights(QwenMoeGBForCausalLM, config)
             model = QwenMoeGBForCausalLM.from_pretrained(None, config=config, state_dict=weights, **kwargs)
     longest = getattr(model.config, "max_position_embeddings", None)
     if longest is not None and data_args.seq_len > longest:
@@ -491,9 +503,22 @@ def check_numbers(model_args: ModelArguments, data_args: DataArguments, train_ar
         )
 
 
+def cpu_launch_flags(argv: list[str]) -> list[str]:
+    """`["--use_cpu", "true"]` for a run launched on several processes (accelerate / torchrun / deepspeed set
+    WORLD_SIZE) on a machine without an accelerator, unless `--use_cpu` is given: without it the Trainer counts one
+    process while DeepSpeed counts them all (its batch-size check fails) and DDP has no device to bind."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or any(a.split("=")[0] == "--use_cpu" for a in argv):
+        return []
+    accelerator = getattr(torch, "accelerator", None)
+    if torch.cuda.is_available() or (accelerator is not None and accelerator.is_available()):
+        return []
+    print(f"no GPU: the {os.environ['WORLD_SIZE']} processes run on CPU (--use_cpu true)")
+    return ["--use_cpu", "true"]
+
+
 def pretrain(argv: list[str]) -> dict:
     parser = HfArgumentParser((ModelArguments, DataArguments, ParallelArguments, RunArguments, TrainingArguments))
-    parsed = parser.parse_args_into_dataclasses(args=PRETRAIN_DEFAULTS + argv)
+    parsed = parser.parse_args_into_dataclasses(args=PRETRAIN_DEFAULTS + argv + cpu_launch_flags(argv))
     model_args, data_args, parallel_args, run_args, train_args = parsed
     check_numbers(model_args, data_args, train_args)
     model_args.architecture()  # the architecture flags apply to this start, or are refused now
@@ -531,7 +556,11 @@ def pretrain(argv: list[str]) -> dict:
     if not trainer.is_world_process_zero():
         return {}
     trained = trainer.model
-    if distributed_config is not None:  # the trained model is sharded over the ranks: evaluate the saved folder here
+    if distributed_config is not None or trainer.is_fsdp_enabled or is_deepspeed_zero3_enabled():
+        # the trained model is sharded over the ranks (a forward on this rank alone would wait for the others):
+        # evaluate the saved folder here, loaded whole (outside ZeRO-3's partitioned init, whose collectives would
+        # wait for the other ranks too)
+        unset_hf_deepspeed_config()
         trained = load_trained(out_dir, **model_args.load_kwargs())
     analysis.write_json({"log_history": trainer.state.log_history}, out_dir / "log_history.json")
     (tokenizer.to_hf() if isinstance(tokenizer, ByteTokenizer) else tokenizer).save_pretrained(out_dir)
