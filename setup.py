@@ -37,7 +37,9 @@ setup(
         "sft": ["trl>=1.0", "peft>=0.17"],
         "rl": ["trl>=1.16"],
         "lm-eval": ["lm_eval>=0.4.13"],
-        "dev": ["pytest>=8", "ruff>=0.6", "tensorboard>=2.15", "trl>=1.16", "peft>=0.17"],
+        "deepspeed": ["deepspeed>=0.17"],
+        # deepspeed: the ZeRO-2/3 tests run it on 2 CPU processes (its CPU accelerator, gloo)
+        "dev": ["pytest>=8", "ruff>=0.6", "tensorboard>=2.15", "trl>=1.16", "peft>=0.17", "deepspeed>=0.17"],
     },
     entry_points={"console_scripts": ["qwenmoe-gb=modeling_qwenmoe_gb.cli:main"]},
 )

@@ -503,17 +503,57 @@ def check_numbers(model_args: ModelArguments, data_args: DataArguments, train_ar
         )
 
 
+def _flag(argv: list[str], name: str) -> str | None:
+    """The value of `--name V` / `--name=V` in argv (the last one), or None."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == f"--{name}":
+            value = argv[i + 1] if i + 1 < len(argv) else "true"
+        elif arg.startswith(f"--{name}="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
 def cpu_launch_flags(argv: list[str]) -> list[str]:
-    """`["--use_cpu", "true"]` for a run launched on several processes (accelerate / torchrun / deepspeed set
-    WORLD_SIZE) on a machine without an accelerator, unless `--use_cpu` is given: without it the Trainer counts one
-    process while DeepSpeed counts them all (its batch-size check fails) and DDP has no device to bind."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or any(a.split("=")[0] == "--use_cpu" for a in argv):
-        return []
+    """The flags a run launched on several processes (accelerate / torchrun set WORLD_SIZE) needs on a machine
+    without an accelerator, or a `ValueError` with the fix. accelerate picks DeepSpeed only when not told to use the
+    CPU, and then needs gloo named as the backend (`--ddp_backend gloo`); `--use_cpu true` would silently run DDP
+    instead. DDP and FSDP need `--use_cpu true` (the Trainer otherwise counts one process); accelerate runs FSDP as
+    DDP on CPU."""
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    use_cpu = _flag(argv, "use_cpu")
+    if deepspeed and use_cpu is not None and use_cpu.lower() in ("true", "1", "yes"):
+        raise ValueError(
+            "use_cpu=True under a DeepSpeed config: accelerate would run DDP, not DeepSpeed. Allowed: drop --use_cpu "
+            "(on a machine without GPUs the run sets --ddp_backend gloo, DeepSpeed's CPU accelerator)"
+        )
     accelerator = getattr(torch, "accelerator", None)
-    if torch.cuda.is_available() or (accelerator is not None and accelerator.is_available()):
+    no_accelerator = not torch.cuda.is_available() and not (accelerator is not None and accelerator.is_available())
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not no_accelerator:
         return []
-    print(f"no GPU: the {os.environ['WORLD_SIZE']} processes run on CPU (--use_cpu true)")
-    return ["--use_cpu", "true"]
+    if _flag(argv, "deepspeed") is not None:
+        raise ValueError(
+            f"deepspeed={_flag(argv, 'deepspeed')!r} on a machine without GPUs: transformers then counts one process "
+            "(DeepSpeed's batch-size check fails). Allowed on CPU: accelerate launch --config_file "
+            "configuration/accelerate/deepspeed_zero2.yaml (or deepspeed_zero3*.yaml), without --deepspeed"
+        )
+    processes = os.environ["WORLD_SIZE"]
+    if deepspeed:
+        for precision in ("bf16", "fp16"):
+            value = _flag(argv, precision)
+            if value is not None and value.lower() in ("true", "1", "yes"):
+                raise ValueError(
+                    f"{precision}={value!r} under DeepSpeed on a machine without GPUs: transformers allows {precision} "
+                    "on CPU only with --use_cpu, under which accelerate runs DDP instead. Allowed on CPU: fp32 (drop "
+                    f"--{precision})"
+                )
+        print(f"no GPU: DeepSpeed on {processes} CPU processes (--ddp_backend gloo)")
+        return [] if _flag(argv, "ddp_backend") else ["--ddp_backend", "gloo"]
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        print(f"no GPU: accelerate runs FSDP as DDP on CPU ({processes} processes); the native engine shards on CPU")
+    else:
+        print(f"no GPU: the {processes} processes run on CPU (--use_cpu true)")
+    return [] if use_cpu is not None else ["--use_cpu", "true"]
 
 
 def pretrain(argv: list[str]) -> dict:

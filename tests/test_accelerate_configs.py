@@ -18,7 +18,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configuration" / "accelerate
 @pytest.mark.parametrize(
     "name,kind",
     [("ddp", DistributedType.MULTI_GPU), ("fsdp", DistributedType.FSDP), ("deepspeed_zero2", DistributedType.DEEPSPEED),
-     ("deepspeed_zero3", DistributedType.DEEPSPEED)],
+     ("deepspeed_zero3", DistributedType.DEEPSPEED), ("deepspeed_zero3_offload", DistributedType.DEEPSPEED)],
 )  # fmt: skip
 def test_configs_load_with_accelerate(name, kind):
     config = load_config_from_file(str(CONFIGS / f"{name}.yaml"))
@@ -27,7 +27,24 @@ def test_configs_load_with_accelerate(name, kind):
         assert config.fsdp_config["fsdp_version"] == 2
         assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == QwenMoeGBDecoderLayer.__name__
     if kind == DistributedType.DEEPSPEED:
-        assert config.deepspeed_config["zero_stage"] == int(name[-1])
+        assert (CONFIGS.parent.parent / config.deepspeed_config["deepspeed_config_file"]).is_file()
+    assert config.mixed_precision in (None, "no")  # the precision is the Trainer's flag (--bf16 true), not the file's
+
+
+@pytest.mark.parametrize("name", ["deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload"])
+def test_deepspeed_files_leave_the_trainers_values_to_the_trainer(name):
+    """Precision, batch sizes, accumulation and clipping are "auto" (filled from TrainingArguments), so the file runs
+    with any of those flags; the stage and offload are the file's."""
+    ds = json.loads((CONFIGS / f"{name}.json").read_text())
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                "gradient_clipping"):  # fmt: skip
+        assert ds[key] == "auto", key
+    assert ds["bf16"]["enabled"] == ds["fp16"]["enabled"] == "auto"
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == (2 if name.endswith("2") else 3)
+    assert zero.get("offload_optimizer", {}).get("device", "none") == ("cpu" if "offload" in name else "none")
+    if zero["stage"] == 3:
+        assert zero["stage3_gather_16bit_weights_on_model_save"] is True  # save_model writes full weights
 
 
 @pytest.mark.distributed

@@ -49,12 +49,12 @@ def workdir(tmp_path_factory):
 
 def reference_step(out: Path, scope: str, accumulation: int, ranks: int, groups=None, **config) -> dict:
     """One process: the data of `ranks` ranks × `accumulation` micro-steps, each rank's loss with the counts of every
-    rank's micro-steps so far (global scope), averaged over ranks and micro-steps."""
+    rank's micro-steps so far (global scope), averaged over ranks and micro-steps (`loss`: that average)."""
     model = QwenMoeGBForCausalLM.from_pretrained(
         out / "ckpt", balance_scope=scope, device_balance_groups=groups, **config
     )
     model.train()
-    running, buffers = torch.zeros(2, 8, dtype=torch.long), []
+    running, buffers, total = torch.zeros(2, 8, dtype=torch.long), [], 0.0
     for micro in range(accumulation):
         batches = [batch_for(step=micro, rank=r) for r in range(ranks)]
         with torch.no_grad():
@@ -63,10 +63,13 @@ def reference_step(out: Path, scope: str, accumulation: int, ranks: int, groups=
         for ids in batches:
             outputs = model(input_ids=ids, labels=ids, add_balance_loss=False)
             balance, _ = balance_loss(model.config, outputs.router_stats, running if scope == "global" else None)
-            ((outputs.loss + balance) / (accumulation * ranks)).backward()
+            objective = (outputs.loss + balance) / (accumulation * ranks)
+            objective.backward()
+            total += float(objective.detach())
     rate = model.config.aux_free_bias_update_rate
     bias = rate * torch.sign(running.double().mean(-1, keepdim=True) - running.double())
-    return {"buffers": buffers, "grads": {n: p.grad for n, p in model.named_parameters()}, "biases": bias.float()}
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    return {"buffers": buffers, "grads": grads, "biases": bias.float(), "loss": total}
 
 
 @pytest.mark.parametrize("name", [*STEPS, *FOUR_PROCESS_STEPS])

@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from modeling_qwenmoe_gb.cli import pretrain
+from modeling_qwenmoe_gb.pretraining import cpu_launch_flags
 
 from .stock_models import tiny_model
 from .test_cli import TINY
@@ -119,3 +121,28 @@ def test_routing_flags_shape_our_model_log_dead_experts_and_are_refused_for_a_tr
         pretrain(
             [*QUICK, "--output_dir", str(tmp_path / "c"), "--model_config", olmoe, "--expert_capacity_factor", "1"]
         )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the flags a launch on a machine without GPUs needs")
+def test_a_launch_without_gpus_gets_the_flags_its_engine_needs_or_the_fix(monkeypatch):
+    """Under accelerate / torchrun on CPU: DDP and FSDP get --use_cpu true; DeepSpeed gets --ddp_backend gloo (with
+    --use_cpu accelerate would silently run DDP, refused naming the fix, as are bf16 and the --deepspeed flag, which
+    transformers cannot run on CPU); a given --use_cpu is kept; one process gets nothing."""
+    for name in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cpu_launch_flags([]) == ["--use_cpu", "true"]
+    assert cpu_launch_flags(["--use_cpu=false"]) == []
+    with pytest.raises(ValueError, match=r"deepspeed='ds.json' on a machine without GPUs.*deepspeed_zero2.yaml"):
+        cpu_launch_flags(["--deepspeed", "ds.json"])
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert cpu_launch_flags([]) == ["--use_cpu", "true"]
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert cpu_launch_flags([]) == ["--ddp_backend", "gloo"]
+    assert cpu_launch_flags(["--ddp_backend", "gloo"]) == []
+    with pytest.raises(ValueError, match="use_cpu=True under a DeepSpeed config: accelerate would run DDP"):
+        cpu_launch_flags(["--use_cpu", "true"])
+    with pytest.raises(ValueError, match=r"bf16='true' under DeepSpeed.*Allowed on CPU: fp32"):
+        cpu_launch_flags(["--bf16", "true"])
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert cpu_launch_flags([]) == []
