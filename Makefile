@@ -9,7 +9,7 @@ SERVING_DIR ?= $(or $(TMPDIR),/tmp)/qwenmoe-gb-serving
 LMEVAL_VENV ?= $(or $(TMPDIR),/tmp)/qwenmoe-gb-lmeval-venv
 LMEVAL := lm_eval==0.4.13
 
-.PHONY: install install-newest lint format test test-floor check ci demo serving-venvs test-serving lmeval-venv test-lmeval
+.PHONY: install install-newest lint format test test-floor test-engines check ci demo serving-venvs test-serving lmeval-venv test-lmeval
 
 install:  ## the tested versions (constraints.txt)
 	$(PY) -m pip install torch==2.13.0
@@ -32,6 +32,9 @@ format:
 test:
 	$(PY) -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
 	$(PY) -m pytest -q
+
+test-engines:  ## DeepSpeed ZeRO-2/3 and accelerate FSDP2 on 2 CPU processes vs one process (also in `test`)
+	$(PY) -m pytest -q tests/test_accelerate_engines.py tests/test_accelerate_configs.py
 
 test-floor:  ## the suite again on transformers==$(FLOOR), everything else shared with $(PY)'s environment
 	$(PY) -m venv --system-site-packages $(FLOOR_VENV)

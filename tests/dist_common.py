@@ -35,6 +35,19 @@ def make_config(**overrides) -> QwenMoeGBConfig:
     return tiny_config(**fields)
 
 
+def save_start(out: Path, expert_bias: torch.Tensor | None = None) -> None:
+    """The saved weights every engine and its one-process reference start from (`out/ckpt`: `make_config(aux_free=
+    True)` at seed 0, each router's aux-free bias set to `expert_bias` if given) and the ids for logits checks."""
+    torch.manual_seed(0)
+    model = QwenMoeGBForCausalLM(make_config(aux_free=True))
+    if expert_bias is not None:
+        with torch.no_grad():
+            for router in model.model.moe_routers():
+                router.expert_bias.copy_(expert_bias)
+    model.save_pretrained(out / "ckpt")
+    torch.save(torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(5)), out / "ids.pt")
+
+
 def batch_for(step: int, rank: int) -> torch.Tensor:
     """(MICRO, SEQ) token ids of micro-step `step` on `rank`: different on every rank and step."""
     gen = torch.Generator().manual_seed(1000 * step + rank)

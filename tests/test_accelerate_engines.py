@@ -18,7 +18,7 @@ import torch
 from modeling_qwenmoe_gb import QwenMoeGBForCausalLM
 
 from .accelerate_engine_worker import STEP_CASES
-from .dist_common import make_config
+from .dist_common import save_start
 from .test_distributed import free_port
 from .test_hub_round_trip import pull
 from .test_native_parallel import reference_step
@@ -30,6 +30,7 @@ ENGINES = ("deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload", "fsd
 RESUMABLE = ("deepspeed_zero2", "deepspeed_zero3", "fsdp")
 CASES = [(engine, name) for engine in ENGINES for name in STEP_CASES if engine != ENGINES[2]]
 CASES.append((ENGINES[2], "global_accum2_auxfree"))
+START_BIAS = torch.linspace(-0.05, 0.05, 8)  # each router's saved aux-free bias (used for selection when aux_free)
 
 
 def launch(config: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -48,9 +49,7 @@ def launch(config: str, *args: str, timeout: int = 600) -> subprocess.CompletedP
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     out = tmp_path_factory.mktemp("engines")
-    torch.manual_seed(0)
-    QwenMoeGBForCausalLM(make_config(aux_free=True)).save_pretrained(out / "ckpt")
-    torch.save(torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(5)), out / "ids.pt")
+    save_start(out, expert_bias=START_BIAS)  # nonzero: the aux-free cases route differently from the first step
     for engine in ENGINES:
         launch(engine, str(ROOT / "tests" / "accelerate_engine_worker.py"), str(out), engine)
     return out
@@ -80,10 +79,9 @@ def test_engine_step_equals_one_process(workdir, engine, name):
             update = initial[param].detach() - value
             torch.testing.assert_close(update, torch.zeros_like(update) if grad is None else grad, rtol=1e-4,
                                        atol=1e-6, msg=param)  # fmt: skip
-        if aux_free:
-            torch.testing.assert_close(rank["biases"], expected["biases"], rtol=0, atol=1e-9)
-        else:
-            assert not rank["biases"].any()
+        start = START_BIAS.expand(2, -1)
+        moved = expected["biases"] if aux_free else torch.zeros_like(start)  # the step's update, or none
+        torch.testing.assert_close(rank["biases"], start + moved, rtol=0, atol=1e-9)
         assert rank["count_reductions"] == accumulation
         (log,) = rank["logs"]
         assert log["loss"] == pytest.approx(expected["loss"], rel=1e-5)
@@ -96,6 +94,15 @@ def test_engine_step_equals_one_process(workdir, engine, name):
         halves = engine != "deepspeed_zero2"  # ZeRO-2 shards the optimizer and gradients, not the weights
         assert sharded["local_numel"] * (2 if halves else 1) == sharded["full_numel"]
     torch.testing.assert_close(ranks[0]["biases"], ranks[1]["biases"], rtol=0, atol=0)
+
+
+def test_the_saved_bias_steers_the_aux_free_cases(workdir):
+    """The cases above differ by aux-free from their first step (the saved bias is used for selection only when
+    aux_free): the counts differ, so each aux-free case checks its own routing."""
+    for scope in ("micro", "global"):
+        plain = seen(workdir, "deepspeed_zero3", f"{scope}_accum2")[0]["buffers"][-1]
+        aux_free = seen(workdir, "deepspeed_zero3", f"{scope}_accum2_auxfree")[0]["buffers"][-1]
+        assert not torch.equal(plain, aux_free)
 
 
 def test_zero3_gathers_experts_that_get_no_tokens_on_a_rank(workdir):

@@ -16,7 +16,7 @@ from huggingface_hub import HfApi, constants
 from modeling_qwenmoe_gb import QwenMoeGBForCausalLM, balance_loss
 from modeling_qwenmoe_gb.hub import push_folder, write_model_card
 
-from .dist_common import batch_for, make_config
+from .dist_common import batch_for, save_start
 from .engine_worker import FOUR_PROCESS_STEPS, STEPS
 from .hub_server import HubServer
 from .test_distributed import free_port
@@ -29,9 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     out = tmp_path_factory.mktemp("engine")
-    torch.manual_seed(0)
-    QwenMoeGBForCausalLM(make_config(aux_free=True)).save_pretrained(out / "ckpt")
-    torch.save(torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(5)), out / "ids.pt")
+    save_start(out)
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     result = subprocess.run(
