@@ -309,12 +309,14 @@ def initial_weights(model_class, config) -> dict[str, torch.Tensor]:
 def build_model(
     model_args: ModelArguments, data_args: DataArguments, tokenizer, distributed_config=None
 ) -> QwenMoeGBForCausalLM:
-    """The model to train; with a `DistributedConfig`, sharded at load time by transformers' engine (a preset is
-    initialised in this process, identically on every rank from the seed, then loaded from its state dict)."""
+    """The model to train; with a `DistributedConfig`, sharded at load time by transformers' engine; under ZeRO-3,
+    partitioned as it loads (a new model is then initialised in this process, identically on every rank from the
+    seed, and loaded from its state dict: `initial_weights`)."""
     vocab = tokenizer_vocab_size(tokenizer)
     kwargs = model_args.load_kwargs()
     if distributed_config is not None:
         kwargs["distributed_config"] = distributed_config
+    sharded_at_load = distributed_config is not None or is_deepspeed_zero3_enabled()
     trains_as_qwenmoe_gb(model_args)  # the start flags agree
     if model_args.upcycle_from:
         model = upcycled_model(model_args, kwargs)
@@ -329,7 +331,7 @@ def build_model(
         config = AutoConfig.from_pretrained(model_args.model_config, **overrides, **shape)  # derived fields follow
         if vocab > config.vocab_size:
             config.vocab_size = vocab
-        if distributed_config is None and not is_deepspeed_zero3_enabled():
+        if not sharded_at_load:
             model = AutoModelForCausalLM.from_config(config, **kwargs)  # random init at the run's seed, its own class
         else:  # initialised here (the same on every rank: same seed), sharded as it loads
             model_class = AutoModelForCausalLM._model_mapping[type(config)]
@@ -356,7 +358,7 @@ def build_model(
         config = load_preset(model_args.preset, **{**model_args.architecture(), **model_args.balance_fields()})
         if vocab > config.vocab_size:
             config.vocab_size = vocab
-        if distributed_config is None and not is_deepspeed_zero3_enabled():
+        if not sharded_at_load:
             model = QwenMoeGBForCausalLM._from_config(config, **kwargs)
         else:  # initialised here (the same on every rank: same seed), sharded as it loads
             weights = initial_weights(QwenMoeGBForCausalLM, config)
@@ -514,6 +516,12 @@ def _flag(argv: list[str], name: str) -> str | None:
     return value
 
 
+def _flag_is_true(argv: list[str], name: str) -> bool:
+    """Whether argv sets the boolean `--name` true (the spellings HfArgumentParser reads as true)."""
+    value = _flag(argv, name)
+    return value is not None and value.lower() in ("yes", "true", "t", "y", "1")
+
+
 def cpu_launch_flags(argv: list[str]) -> list[str]:
     """The flags a run launched on several processes (accelerate / torchrun set WORLD_SIZE) needs on a machine
     without an accelerator, or a `ValueError` with the fix. accelerate picks DeepSpeed only when not told to use the
@@ -521,31 +529,30 @@ def cpu_launch_flags(argv: list[str]) -> list[str]:
     instead. DDP and FSDP need `--use_cpu true` (the Trainer otherwise counts one process); accelerate runs FSDP as
     DDP on CPU."""
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    use_cpu = _flag(argv, "use_cpu")
-    if deepspeed and use_cpu is not None and use_cpu.lower() in ("true", "1", "yes"):
+    if deepspeed and _flag_is_true(argv, "use_cpu"):
         raise ValueError(
             "use_cpu=True under a DeepSpeed config: accelerate would run DDP, not DeepSpeed. Allowed: drop --use_cpu "
             "(on a machine without GPUs the run sets --ddp_backend gloo, DeepSpeed's CPU accelerator)"
         )
     accelerator = getattr(torch, "accelerator", None)
-    no_accelerator = not torch.cuda.is_available() and not (accelerator is not None and accelerator.is_available())
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not no_accelerator:
+    has_accelerator = torch.cuda.is_available() or (accelerator is not None and accelerator.is_available())
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or has_accelerator:
         return []
-    if _flag(argv, "deepspeed") is not None:
+    deepspeed_file = _flag(argv, "deepspeed")
+    if deepspeed_file is not None:
         raise ValueError(
-            f"deepspeed={_flag(argv, 'deepspeed')!r} on a machine without GPUs: transformers then counts one process "
+            f"deepspeed={deepspeed_file!r} on a machine without GPUs: transformers then counts one process "
             "(DeepSpeed's batch-size check fails). Allowed on CPU: accelerate launch --config_file "
             "configuration/accelerate/deepspeed_zero2.yaml (or deepspeed_zero3*.yaml), without --deepspeed"
         )
     processes = os.environ["WORLD_SIZE"]
     if deepspeed:
         for precision in ("bf16", "fp16"):
-            value = _flag(argv, precision)
-            if value is not None and value.lower() in ("true", "1", "yes"):
+            if _flag_is_true(argv, precision):
                 raise ValueError(
-                    f"{precision}={value!r} under DeepSpeed on a machine without GPUs: transformers allows {precision} "
-                    "on CPU only with --use_cpu, under which accelerate runs DDP instead. Allowed on CPU: fp32 (drop "
-                    f"--{precision})"
+                    f"{precision}={_flag(argv, precision)!r} under DeepSpeed on a machine without GPUs: transformers "
+                    f"allows {precision} on CPU only with --use_cpu, under which accelerate runs DDP instead. Allowed "
+                    f"on CPU: fp32 (drop --{precision})"
                 )
         print(f"no GPU: DeepSpeed on {processes} CPU processes (--ddp_backend gloo)")
         return [] if _flag(argv, "ddp_backend") else ["--ddp_backend", "gloo"]
@@ -553,7 +560,7 @@ def cpu_launch_flags(argv: list[str]) -> list[str]:
         print(f"no GPU: accelerate runs FSDP as DDP on CPU ({processes} processes); the native engine shards on CPU")
     else:
         print(f"no GPU: the {processes} processes run on CPU (--use_cpu true)")
-    return [] if use_cpu is not None else ["--use_cpu", "true"]
+    return [] if _flag(argv, "use_cpu") is not None else ["--use_cpu", "true"]
 
 
 def pretrain(argv: list[str]) -> dict:

@@ -11,7 +11,6 @@ accelerate runs FSDP as DDP on CPU (its state only picks FSDP for accelerator de
 path (`fully_shard` per decoder layer, full-state-dict saving) run on gloo here, as it runs on GPUs.
 """
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from modeling_qwenmoe_gb import QwenMoeGBForCausalLM  # noqa: E402
 from modeling_qwenmoe_gb.pretraining import cpu_launch_flags  # noqa: E402
 from modeling_qwenmoe_gb.trainer import QwenMoeGBTrainer  # noqa: E402
-from tests.dist_common import MICRO, batch_for  # noqa: E402
+from tests.dist_common import MICRO, batch_for, full, resume_dataset, router_biases  # noqa: E402
 
 WORLD = 2
 # case -> (balance scope, accumulation steps, aux-free)
@@ -55,21 +54,18 @@ def cpu_fsdp() -> None:
 
 
 class AllReduceLog:
-    """Every `torch.distributed.all_reduce` of this process, as (dtype, shape): the balancer's (L, E) int64 counts
-    are told apart from the engines' own reductions by that signature."""
+    """Counts this process's `torch.distributed.all_reduce` calls on an (L, E) int64 tensor: the balancer's counts,
+    told apart from the engines' own reductions by that signature."""
 
     def __init__(self):
-        self.calls: list[tuple[str, tuple[int, ...]]] = []
+        self.count_reductions = 0
         original = dist.all_reduce
 
         def logged(tensor, *args, **kwargs):
-            self.calls.append((str(tensor.dtype), tuple(tensor.shape)))
+            self.count_reductions += tensor.dtype == torch.int64 and tuple(tensor.shape) == COUNT_SHAPE
             return original(tensor, *args, **kwargs)
 
         dist.all_reduce = logged
-
-    def count_reductions(self) -> int:
-        return sum(1 for dtype, shape in self.calls if dtype == "torch.int64" and shape == COUNT_SHAPE)
 
 
 class RecordingTrainer(QwenMoeGBTrainer):
@@ -113,11 +109,7 @@ def full_params(model, engine: str) -> dict[str, torch.Tensor]:
 
         with deepspeed.zero.GatheredParameters(list(params.values())):
             return {n: p.detach().clone() for n, p in params.items()}
-    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in params.items()}
-
-
-def biases(model) -> torch.Tensor:
-    return torch.stack([r.expert_bias.clone() for r in model.model.moe_routers()])
+    return {n: full(p).detach().clone() for n, p in params.items()}
 
 
 def reset_accelerate() -> None:
@@ -151,14 +143,14 @@ def engine_step(out: Path, rank: int, engine: str, name: str, log: AllReduceLog)
     model = QwenMoeGBForCausalLM.from_pretrained(out / "ckpt", balance_scope=scope, aux_free=aux_free)
     dataset, batches = step_dataset(accumulation)
     trainer = RecordingTrainer(model=model, args=args, train_dataset=dataset, train_batch_sampler=batches)
-    before = log.count_reductions()
+    before = log.count_reductions
     trainer.train()
     seen = {
         "params": full_params(model, engine),
-        "biases": biases(model),
+        "biases": router_biases(model),
         "buffers": trainer.buffers,
         "local_counts": trainer.local_counts,
-        "count_reductions": log.count_reductions() - before,
+        "count_reductions": log.count_reductions - before,
         "logs": [e for e in trainer.state.log_history if "loss" in e],
         "sharded": sharding(trainer, model, engine),
     }
@@ -182,10 +174,7 @@ def sharding(trainer, model, engine: str) -> dict:
 def resume_run(out: Path, rank: int, engine: str) -> None:
     """AdamW, 2 accumulation steps, aux-free, 4 optimizer steps with checkpoints every 2; then a fresh Trainer resumed
     from checkpoint-2. Both record their final weights, biases and logs."""
-    from datasets import Dataset
-
-    ids = torch.randint(0, 61, (64, 12), generator=torch.Generator().manual_seed(11)).tolist()
-    dataset = Dataset.from_dict({"input_ids": ids, "labels": ids})
+    dataset = resume_dataset()
     for name, resume in (("resume_full", None), ("resume_from_2", "resume_full/checkpoint-2")):
         args = arguments(
             out, engine, name, gradient_accumulation_steps=2, max_steps=4, learning_rate=1e-2, optim="adamw_torch",
@@ -195,7 +184,7 @@ def resume_run(out: Path, rank: int, engine: str) -> None:
         trainer = QwenMoeGBTrainer(model=model, args=args, train_dataset=dataset)
         trainer.train(resume_from_checkpoint=str(out / f"{engine}_{resume}") if resume else None)
         logs = [e for e in trainer.state.log_history if "loss" in e]
-        seen = {"params": full_params(model, engine), "biases": biases(model), "logs": logs}
+        seen = {"params": full_params(model, engine), "biases": router_biases(model), "logs": logs}
         if name == "resume_full":
             trainer.save_model(str(out / f"{engine}_saved"))
             seen["saved_params"] = seen["params"]
@@ -214,7 +203,6 @@ def main() -> None:
         engine_step(out, rank, engine, name, log)
     if engine != "deepspeed_zero3_offload":
         resume_run(out, rank, engine)
-    (out / f"{engine}_done_rank{rank}.json").write_text(json.dumps({"calls": len(log.calls)}))
     dist.barrier()
     dist.destroy_process_group()
 

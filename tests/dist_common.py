@@ -48,6 +48,22 @@ def save_start(out: Path, expert_bias: torch.Tensor | None = None) -> None:
     torch.save(torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(5)), out / "ids.pt")
 
 
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) parameter or output, whole; any other tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def router_biases(model) -> torch.Tensor:
+    """(L, E) copy of every router's aux-free bias."""
+    return torch.stack([r.expert_bias.clone() for r in model.model.moe_routers()])
+
+
+def resume_dataset() -> Dataset:
+    """64 random 12-token rows: the data of the resume tests."""
+    ids = torch.randint(0, 61, (64, 12), generator=torch.Generator().manual_seed(11)).tolist()
+    return Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+
 def batch_for(step: int, rank: int) -> torch.Tensor:
     """(MICRO, SEQ) token ids of micro-step `step` on `rank`: different on every rank and step."""
     gen = torch.Generator().manual_seed(1000 * step + rank)

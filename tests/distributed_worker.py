@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from modeling_qwenmoe_gb import QwenMoeGBForCausalLM  # noqa: E402
 from modeling_qwenmoe_gb.balance import GlobalBalancer  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
-from tests.dist_common import ROUTING, batch_for, make_config, trainer_run  # noqa: E402
+from tests.dist_common import ROUTING, batch_for, make_config, router_biases, trainer_run  # noqa: E402
 
 
 def ddp_global_vs_concat(out: Path, rank: int, scope: str) -> None:
@@ -59,7 +59,7 @@ def accumulation_buffer(out: Path, rank: int) -> None:
     buffers, balances = micro_steps(model, balancer, rank, 4)
     losses = [parts["lbl"].detach() for _, parts in balances]
     balancer.step()
-    biases = torch.stack([r.expert_bias.clone() for r in model.model.moe_routers()])
+    biases = router_biases(model)
     with torch.no_grad():  # eval must not touch the buffer
         model.eval()
         model(input_ids=batch_for(step=0, rank=rank), labels=batch_for(step=0, rank=rank))
@@ -82,7 +82,7 @@ def routing_options(out: Path, rank: int) -> None:
         buffers, balances = micro_steps(model, balancer, rank, 2)
         losses = [balance.detach() for balance, _ in balances]
         balancer.step()
-        biases = torch.stack([r.expert_bias.clone() for r in model.model.moe_routers()])
+        biases = router_biases(model)
         torch.save({"buffers": buffers, "balance": losses, "biases": biases}, out / f"{name}_rank{rank}.pt")
 
 

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from modeling_qwenmoe_gb import QwenMoeGBForCausalLM  # noqa: E402
 from modeling_qwenmoe_gb.balance import GlobalBalancer  # noqa: E402
 from modeling_qwenmoe_gb.expert_parallel import COUNTED_ALL_TO_ALL  # noqa: E402
-from tests.dist_common import batch_for  # noqa: E402
+from tests.dist_common import batch_for, full, resume_dataset, router_biases  # noqa: E402
 
 COUNTED = {"ep_implementation": COUNTED_ALL_TO_ALL}
 RECOMPUTE = {mode: {"moe_recompute": mode} for mode in ("experts", "moe", "expert_act")}
@@ -58,10 +58,6 @@ FOUR_PROCESS_STEPS = {
 }
 
 
-def full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 def load(out: Path, sizes: dict, **config) -> QwenMoeGBForCausalLM:
     return QwenMoeGBForCausalLM.from_pretrained(
         out / "ckpt", distributed_config=DistributedConfig(**sizes), dtype=torch.float32, **config
@@ -83,7 +79,7 @@ def engine_step(out: Path, rank: int, name: str) -> None:
         buffers.append(balancer.step_counts.clone())
     balancer.step()
     grads = {n: full(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None}
-    biases = torch.stack([r.expert_bias.clone() for r in model.model.moe_routers()])
+    biases = router_biases(model)
     seen = {"buffers": buffers, "grads": grads, "biases": biases, "groups": balancer.groups, "routed": routed}
     seen.update(step_counts=balancer.last_step_counts, delivered=balancer.last_delivered_counts)
     seen["metrics"] = balancer.pop_metrics()
@@ -109,7 +105,7 @@ def engine_train_and_save(out: Path, rank: int) -> None:
     model.eval()
     with torch.no_grad():
         logits = full(model(input_ids=torch.load(out / "ids.pt")).logits)
-    biases = torch.stack([r.expert_bias.clone() for r in model.model.moe_routers()])
+    biases = router_biases(model)
     params = {n: full(p.detach()).clone() for n, p in model.named_parameters()}
     torch.save({"logits": logits, "biases": biases, "params": params}, out / f"engine_saved_rank{rank}.pt")
 
@@ -117,13 +113,11 @@ def engine_train_and_save(out: Path, rank: int) -> None:
 def engine_resume(out: Path, rank: int) -> None:
     """AdamW, 2 accumulation steps, 4 optimizer steps under FSDP2 + EP, checkpoints every 2; then a fresh model resumed
     from checkpoint-2 on the same layout (FSDP2 + EP) and on another (FSDP2 alone)."""
-    from datasets import Dataset
     from transformers import TrainingArguments
 
     from modeling_qwenmoe_gb.trainer import QwenMoeGBTrainer
 
-    ids = torch.randint(0, 61, (64, 12), generator=torch.Generator().manual_seed(11)).tolist()
-    dataset = Dataset.from_dict({"input_ids": ids, "labels": ids})
+    dataset = resume_dataset()
 
     def run(name: str, sizes: dict, resume: str | None = None) -> None:
         model = load(out, sizes)
@@ -136,7 +130,7 @@ def engine_resume(out: Path, rank: int) -> None:
         trainer = QwenMoeGBTrainer(model=model, args=args, train_dataset=dataset)
         trainer.train(resume_from_checkpoint=resume)
         params = {n: full(p.detach()).clone() for n, p in model.named_parameters()}
-        biases = torch.stack([r.expert_bias.clone() for r in model.model.moe_routers()])
+        biases = router_biases(model)
         logs = [e for e in trainer.state.log_history if "loss" in e]
         torch.save({"params": params, "biases": biases, "logs": logs}, out / f"{name}_rank{rank}.pt")
 

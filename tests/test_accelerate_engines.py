@@ -143,8 +143,8 @@ def test_save_model_writes_one_hub_folder_that_loads_without_the_package(workdir
     reference = QwenMoeGBForCausalLM.from_pretrained(workdir / "ckpt")
     reference.load_state_dict({**reference.state_dict(), **trained["params"]})
     with torch.no_grad():
-        reference.model.layers[0].mlp.gate.expert_bias.copy_(trained["biases"][0])
-        reference.model.layers[1].mlp.gate.expert_bias.copy_(trained["biases"][1])
+        for router, bias in zip(reference.model.moe_routers(), trained["biases"]):
+            router.expert_bias.copy_(bias)
     torch.save(torch.load(workdir / "ids.pt"), tmp_path / "ids.pt")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
     logits = pull(str(folder), tmp_path, env, engine)
