@@ -10,7 +10,12 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["modeling_qwenmoe_gb", "modeling_qwenmoe_gb.configuration", "modeling_qwenmoe_gb.model_cards"],
+    packages=[
+        "modeling_qwenmoe_gb",
+        "modeling_qwenmoe_gb.data",
+        "modeling_qwenmoe_gb.configuration",
+        "modeling_qwenmoe_gb.model_cards",
+    ],
     package_dir={
         "modeling_qwenmoe_gb.configuration": "configuration",
         "modeling_qwenmoe_gb.model_cards": "model_cards",
@@ -32,14 +37,28 @@ setup(
         "evaluate>=0.4",
         "matplotlib>=3.7",
         "tqdm",
+        "numpy>=1.24",
+        "pyarrow>=15",  # parquet sources
+        "zstandard>=0.22",  # .jsonl.zst sources
+        "filelock>=3.12",  # one preparer per data folder
     ],
     extras_require={
         "sft": ["trl>=1.0", "peft>=0.17"],
         "rl": ["trl>=1.16"],
         "lm-eval": ["lm_eval>=0.4.13"],
         "deepspeed": ["deepspeed>=0.17"],
-        # deepspeed: the ZeRO-2/3 tests run it on 2 CPU processes (its CPU accelerator, gloo)
-        "dev": ["pytest>=8", "ruff>=0.6", "tensorboard>=2.15", "trl>=1.16", "peft>=0.17", "deepspeed>=0.17"],
+        # deepspeed: the ZeRO-2/3 tests run it on 2 CPU processes (its CPU accelerator, gloo); megatron-core and
+        # datatrove: the data tests write and read their token files with their own code
+        "dev": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "tensorboard>=2.15",
+            "trl>=1.16",
+            "peft>=0.17",
+            "deepspeed>=0.17",
+            "megatron-core>=0.16.1",
+            "datatrove>=0.10",
+        ],
     },
     entry_points={"console_scripts": ["qwenmoe-gb=modeling_qwenmoe_gb.cli:main"]},
 )

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
-from .data import PackedDomains
+from .data import TokenDomains
 
 SPECIALIZATION_METRIC = str(Path(__file__).resolve().parent / "metrics" / "expert_specialization")
 
 
 @torch.no_grad()
-def route_domains(model, packed: PackedDomains, batch_size: int = 16, max_sequences: int | None = None) -> dict:
+def route_domains(model, packed: TokenDomains, batch_size: int = 16, max_sequences: int | None = None) -> dict:
     """{domain: {"ce_sum", "tokens", "counts" (L, E), "topk_score_sum" (L,)}} over the held-out sequences, for a
     QwenMoE-GB model or any transformers MoE the balancer reads (`any_moe`); a model without routers (a dense
     baseline) gets "ce_sum" and "tokens" only."""
@@ -38,8 +38,8 @@ def route_domains(model, packed: PackedDomains, batch_size: int = 16, max_sequen
     recording = stock.analysis() if stock is not None else contextlib.nullcontext()
     out = {}
     with recording:
-        for domain in packed.domains:
-            seqs = packed.sequences[domain][:max_sequences]
+        for domain in [d for d, n in zip(packed.domains, packed.sizes) if n > 0]:  # a domain shorter than seq_len: none
+            seqs = packed.sequences(domain, max_sequences)  # (N, S)
             ce_sum, tokens, counts, topk = 0.0, 0, 0, 0
             for start in range(0, len(seqs), batch_size):
                 ids = seqs[start : start + batch_size].to(device)  # (B, S)

@@ -1,10 +1,12 @@
 """`qwenmoe-gb`: pretrain, evaluate, analyze, compare, benchmark and push QwenMoE-GB models.
 
+    qwenmoe-gb prepare-data --data SRC --tokenizer T --output_dir OUT [--num_proc N]  # tokenize once → token files
     qwenmoe-gb pretrain [TrainingArguments flags] [model flags] [data flags]   # train → evaluate → analyze → card
     qwenmoe-gb evaluate --model DIR [data flags] [--lm_eval_tasks T1,T2]      # perplexity (+ lm-eval benchmarks)
     qwenmoe-gb analyze  --model DIR [data flags]                               # expert specialization + plots
     qwenmoe-gb compare  [compare flags]                                        # micro vs global arms (reproduction)
     qwenmoe-gb bench    [benchmark flags]                                      # = scripts/benchmark.py
+    qwenmoe-gb bench-data [--parts prepare,memory,loader,resume]               # the data path (BENCHMARKS.md)
     qwenmoe-gb export   --model DIR --out DIR [--to auto|qwen3_moe|qwen2_moe|glm4_moe|qwenmoe_gb]   # stock MoE
     qwenmoe-gb push     --model DIR --repo_id USER/NAME                        # upload either form to the Hub
 
@@ -25,7 +27,6 @@ from transformers import HfArgumentParser
 from . import analysis
 from .compare import compare
 from .convert import EXPORT_TARGETS, export_qwen_moe
-from .data import load_tokenizer, pack_corpus
 from .hub import complete_auto_map, push_folder
 from .modeling_qwenmoe_gb import QwenMoeGBForCausalLM
 from .pretraining import DataArguments, ModelArguments, evaluate_and_analyze, load_trained, pretrain
@@ -80,12 +81,15 @@ def _load_for_eval(argv: list[str], extra: tuple = ()):
     parser = HfArgumentParser((ModelPathArguments, DataArguments, *extra))
     path_args, data_args, *rest = parser.parse_args_into_dataclasses(args=argv)
     info = Path(path_args.model) / "data_info.json"
-    if info.is_file() and "--data" not in argv:  # same data and tokenizer as the training run by default
+    if info.is_file() and "--data" not in argv:  # same data, tokenizer and seq_len as the training run by default
         recorded = json.loads(info.read_text())
-        data_args.data, data_args.tokenizer = recorded["data"], recorded["tokenizer"]
+        folder = recorded.get("token_folder")
+        data_args.data = folder if folder and Path(folder).is_dir() else recorded["data"]
+        data_args.tokenizer = data_args.tokenizer or recorded["tokenizer"]
+        if "--seq_len" not in argv and "seq_len" in recorded:
+            data_args.seq_len = recorded["seq_len"]
     model = load_trained(path_args.model)  # QwenMoE-GB, or the transformers MoE it was trained as
-    tokenizer = load_tokenizer(data_args.tokenizer)
-    test = pack_corpus(data_args.corpus(), tokenizer, data_args.seq_len, "test")
+    test = data_args.open().domains("test", data_args.seq_len)
     return model, test, Path(path_args.out or path_args.model), data_args, *rest
 
 
@@ -158,12 +162,26 @@ def bench_cmd(argv: list[str]):
     return benchmark(argv)
 
 
+def prepare_data_cmd(argv: list[str]) -> Path:
+    from .data.prepare import prepare_cmd
+
+    return prepare_cmd(argv)
+
+
+def bench_data_cmd(argv: list[str]) -> dict:
+    from .data_benchmark import main as bench_data
+
+    return bench_data(argv)
+
+
 COMMANDS = {
+    "prepare-data": prepare_data_cmd,
     "pretrain": pretrain,
     "evaluate": evaluate_cmd,
     "analyze": analyze_cmd,
     "compare": compare_cmd,
     "bench": bench_cmd,
+    "bench-data": bench_data_cmd,
     "export": export_cmd,
     "push": push_cmd,
 }

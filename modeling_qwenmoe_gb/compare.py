@@ -22,7 +22,8 @@ Features
   micro during training) and PNGs: PPL against balance BSZ (Figure 2), micro vs global heatmaps (Figure 1b), LBL and
   CE curves (Figure 3).
 
-Every flag that is not a compare flag goes to `qwenmoe-gb pretrain` (TrainingArguments, model and data flags).
+Every flag that is not a compare flag goes to `qwenmoe-gb pretrain` (TrainingArguments, model and data flags); raw
+data is prepared once, in the shared data cache, for every arm and seed.
 """
 
 from __future__ import annotations

@@ -35,18 +35,20 @@ from .convert import TRANSFORMERS_UNITS, from_dense, qwen_moe_config
 from .data import (
     ByteTokenizer,
     DomainBatchSampler,
+    OpenedData,
+    TokenDomains,
+    check_data_state,
     collate_causal_lm,
-    load_corpus,
-    load_tokenizer,
-    pack_corpus,
+    default_cache_dir,
+    open_data,
     parse_weights,
-    save_data_info,
+    stream_identity,
     tokenizer_vocab_size,
 )
 from .hub import hub_model_id, write_model_card
 from .modeling_qwenmoe_gb import QwenMoeGBForCausalLM
 from .presets import load_preset
-from .trainer import QwenMoeGBTrainer, SwitchScopeCallback
+from .trainer import QwenMoeGBTrainer, SwitchScopeCallback, read_data_state
 
 ARCHITECTURE_FLAGS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size")
 # the names a transformers MoE config uses for each architecture flag (`--model_config`)
@@ -214,26 +216,46 @@ OWN_MODEL_FLAGS = ("router_scoring_func", "moe_recompute", *ROUTING_FLAGS)
 
 @dataclass
 class DataArguments:
-    data: str = field(default="synthetic", metadata={"help": "'synthetic', a folder of domains, or 'hub:name1,...'"})
-    tokenizer: str = field(default="byte", metadata={"help": "'byte' or a tokenizer path / Hub name"})
-    seq_len: int = field(default=128, metadata={"help": "packed sequence length"})
-    text_field: str = field(default="text", metadata={"help": "text field of jsonl rows / Hub datasets"})
+    data: str = field(
+        default="synthetic",
+        metadata={"help": "'synthetic', 'hub:name1,...', a folder of raw text per domain (prepared into --data_cache "
+                          "first), or of tokens: prepare-data output, Megatron .bin/.idx, datatrove .ds, HF datasets"},
+    )  # fmt: skip
+    tokenizer: str | None = field(
+        default=None, metadata={"help": "'byte' or a tokenizer path / Hub name (default: the data's, else byte)"}
+    )
+    seq_len: int = field(default=128, metadata={"help": "packed sequence length (cut at read time)"})
+    data_cache: str | None = field(
+        default=None, metadata={"help": "where raw data is prepared (default: $QWENMOE_GB_DATA_CACHE or ~/.cache/...)"}
+    )
+    num_proc: int | None = field(default=None, metadata={"help": "processes that prepare raw data (default: cores)"})
+    text_field: str = field(default="text", metadata={"help": "text field of jsonl / parquet rows / Hub datasets"})
     domain_column: str | None = field(default=None, metadata={"help": "domain column of a mixed Hub dataset"})
-    max_docs_per_domain: int | None = field(default=None, metadata={"help": "cap documents per domain"})
+    max_docs_per_domain: int | None = field(default=None, metadata={"help": "cap documents per domain and split"})
+    max_tokens_per_domain: int | None = field(default=None, metadata={"help": "cap training tokens per domain"})
+    test_fraction: float = field(default=0.01, metadata={"help": "held-out share of a Hub dataset without test split"})
     synthetic_docs: int = field(default=300, metadata={"help": "synthetic training documents per domain"})
     domain_weights: str | None = field(default=None, metadata={"help": "recipe weights 'a=2,b=1' (default uniform)"})
     domain_chunk: int | None = field(default=None, metadata={"help": "micro-batches of domain-pure chunks of n seqs"})
     eval_batch_size: int = field(default=16, metadata={"help": "batch size of evaluation and analysis"})
     eval_max_sequences: int | None = field(default=64, metadata={"help": "held-out sequences per domain"})
+    allow_data_change: bool = field(
+        default=False, metadata={"help": "resume on other data, tokenizer, seq_len or weights than the checkpoint's"}
+    )
 
-    def corpus(self):
-        return load_corpus(
+    def open(self) -> OpenedData:
+        """The data as token streams (raw text prepared into `data_cache` first, by default the shared cache)."""
+        return open_data(
             self.data,
-            num_docs=self.synthetic_docs,
+            self.tokenizer,
+            cache_dir=self.data_cache,
+            num_proc=self.num_proc,
             text_field=self.text_field,
-            text_column=self.text_field,
             domain_column=self.domain_column,
-            max_docs=self.max_docs_per_domain,
+            max_docs_per_domain=self.max_docs_per_domain,
+            max_tokens_per_domain=self.max_tokens_per_domain,
+            synthetic_docs=self.synthetic_docs,
+            test_fraction=self.test_fraction,
         )
 
 
@@ -459,19 +481,40 @@ def evaluate_and_analyze(model, packed_test, out_dir: Path, data_args: DataArgum
     return {"eval": ppl, "specialization": spec}
 
 
-def describe_data(data_args: DataArguments, packed) -> str:
+def describe_data(data_args: DataArguments, packed: TokenDomains) -> str:
     sizes = ", ".join(f"{d}: {n} sequences" for d, n in zip(packed.domains, packed.sizes))
     return (
         f"`{data_args.data}` tokenized with `{data_args.tokenizer}`, packed per domain into {data_args.seq_len}-token "
         f"sequences ({sizes}); every micro-batch holds one domain, domains mixed across the global batch by recipe "
-        f"weights `{data_args.domain_weights or 'uniform'}`."
+        f"weights `{data_args.domain_weights or 'uniform'}` (exact at every prefix: the quota method)."
     )
+
+
+def write_data_info(path: Path, data_args: DataArguments, data: OpenedData, train: TokenDomains, world_size: int):
+    """data_info.json: what the run trained on (`evaluate` / `analyze` read the same data by default)."""
+    manifest = data.folder.manifest.get("domains", {})
+    info = {
+        "data": data_args.data,
+        "token_folder": data.folder.path,
+        "format": data.folder.kind,
+        "fingerprint": data.folder.fingerprint,
+        "world_size": world_size,
+        "tokenizer": data.tokenizer_name,
+        "tokenizer_sha256": data.tokenizer_sha256,
+        "seq_len": data_args.seq_len,
+        "domains": train.domains,
+        "train_sequences": dict(zip(train.domains, train.sizes)),
+        "train_tokens": {d: len(train.streams[d]) for d in train.domains},
+        "documents": {d: s["train"]["documents"] for d, s in manifest.items() if "train" in s},
+    }
+    path.write_text(json.dumps(info, indent=2))
 
 
 # (arguments, field, smallest allowed value, None allowed) of the numbers a run takes: checked before anything is built
 NUMBERS = (
     ("data", "seq_len", 2, False), ("data", "synthetic_docs", 1, False), ("data", "eval_batch_size", 1, False),
     ("data", "eval_max_sequences", 1, True), ("data", "max_docs_per_domain", 1, True),
+    ("data", "max_tokens_per_domain", 1, True), ("data", "num_proc", 1, True), ("data", "test_fraction", 0.0, False),
     ("data", "domain_chunk", 1, True),
     ("train", "per_device_train_batch_size", 1, False), ("train", "gradient_accumulation_steps", 1, False),
     ("train", "max_steps", 1, False), ("train", "learning_rate", 0.0, False), ("train", "warmup_steps", 0.0, False),
@@ -563,7 +606,8 @@ def cpu_launch_flags(argv: list[str]) -> list[str]:
     return [] if _flag(argv, "use_cpu") is not None else ["--use_cpu", "true"]
 
 
-def pretrain(argv: list[str]) -> dict:
+def pretrain(argv: list[str], callbacks: list | None = None) -> dict:
+    """`qwenmoe-gb pretrain ARGV` (from Python: `callbacks`, extra `TrainerCallback`s for the trainer)."""
     parser = HfArgumentParser((ModelArguments, DataArguments, ParallelArguments, RunArguments, TrainingArguments))
     parsed = parser.parse_args_into_dataclasses(args=PRETRAIN_DEFAULTS + argv + cpu_launch_flags(argv))
     model_args, data_args, parallel_args, run_args, train_args = parsed
@@ -575,25 +619,39 @@ def pretrain(argv: list[str]) -> dict:
     num_experts = _num_experts(model_args)
     distributed_config = parallel_args.distributed_config(train_args.world_size, num_experts, train_args.use_cpu)
     set_seed(train_args.seed)
-    tokenizer = load_tokenizer(data_args.tokenizer)
-    corpus = data_args.corpus()
-    train = pack_corpus(corpus, tokenizer, data_args.seq_len, "train")
-    test = pack_corpus(corpus, tokenizer, data_args.seq_len, "test")
-    model = build_model(model_args, data_args, tokenizer, distributed_config)
+    with train_args.main_process_first(local=False, desc="prepare data"):  # one process prepares, the others wait
+        data = data_args.open()
+        data.folder.max_token_ids(default_cache_dir())  # a token folder without recorded ids is scanned once, here
+    data_args.tokenizer = data.tokenizer_name
+    tokenizer = data.tokenizer
+    train, test = data.domains("train", data_args.seq_len), data.domains("test", data_args.seq_len)
     weights = parse_weights(data_args.domain_weights, train.domains)
+    batch, chunk = train_args.per_device_train_batch_size, data_args.domain_chunk
+    identity = stream_identity(data.folder.fingerprint, data.tokenizer_sha256, data_args.seq_len, train.domains,
+                               weights, train_args.seed, batch, chunk)  # fmt: skip
+    saved = read_data_state(train_args.resume_from_checkpoint) if train_args.resume_from_checkpoint else None
+    if saved is not None:  # refused now, before the model is built
+        check_data_state(saved, identity, data_args.allow_data_change, where=train_args.resume_from_checkpoint)
     micro_batches = train_args.max_steps * train_args.gradient_accumulation_steps * train_args.world_size
-    batch = train_args.per_device_train_batch_size
-    sampler = DomainBatchSampler(train.sizes, batch, weights, micro_batches, train_args.seed, data_args.domain_chunk)
+    sampler = DomainBatchSampler(
+        train.sizes, batch, weights, micro_batches, train_args.seed, chunk, domains=train.domains
+    )
+    model = build_model(model_args, data_args, tokenizer, distributed_config)
+    data.check_vocab(model.get_input_embeddings().num_embeddings)
     trainer = QwenMoeGBTrainer(
         model=model,
         args=train_args,
-        train_dataset=train.dataset(),
+        train_dataset=train,
         data_collator=collate_causal_lm,
         train_batch_sampler=sampler,
+        data_identity=identity,
+        allow_data_change=data_args.allow_data_change,
         balance_sync_group_size=model_args.balance_sync_group_size,
         bias_update=model_args.aux_free_update,
         **trainer_options(model_args),
     )
+    for callback in callbacks or []:
+        trainer.add_callback(callback)
     if model_args.switch_scope_at is not None:
         trainer.add_callback(SwitchScopeCallback(model, model_args.switch_scope_at, model_args.switch_scope_to))
     trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
@@ -611,8 +669,7 @@ def pretrain(argv: list[str]) -> dict:
         trained = load_trained(out_dir, **model_args.load_kwargs())
     analysis.write_json({"log_history": trainer.state.log_history}, out_dir / "log_history.json")
     (tokenizer.to_hf() if isinstance(tokenizer, ByteTokenizer) else tokenizer).save_pretrained(out_dir)
-    info = (out_dir / "data_info.json", corpus, train, data_args.tokenizer, data_args.data, train_args.world_size)
-    save_data_info(*info)
+    write_data_info(out_dir / "data_info.json", data_args, data, train, train_args.world_size)
     balance = trainer.balancer.config  # the model's config, or the balancer's settings for a transformers MoE
     result = evaluate_and_analyze(trained, test, out_dir, data_args, f"{balance.balance_scope} balance")
     write_model_card(out_dir, model.config, result["eval"], result["specialization"], describe_data(data_args, train),

@@ -11,7 +11,8 @@ Features
 - Balance metrics in the Trainer logs (TensorBoard / W&B via `report_to`, `state.log_history`) and an expert-load
   heatmap image in TensorBoard; the console line shows the means over layers, not each layer.
 - `train_batch_sampler`: a batch sampler (e.g. `data.DomainBatchSampler`, domain-pure micro-batches) used for the
-  training DataLoader; accelerate deals its batches round-robin to the ranks.
+  training DataLoader; accelerate deals its batches round-robin to the ranks. A seekable one resumes at its recorded
+  position in O(1) (`data_state.json` in each checkpoint; a resume on changed data is refused, `allow_data_change`).
 - Resuming (`resume_from_checkpoint`) and `load_best_model_at_end` restore the fused expert weights, which the stock
   Trainer's raw `load_state_dict` on the per-expert checkpoint files leaves untouched (transformers#48805), and the
   balancer's metric sums and the CE sums (`balance_state_rank<r>.pt`), so a resumed run logs what an uninterrupted one
@@ -33,6 +34,7 @@ Scale rule, in the Trainer's two modes:
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -45,6 +47,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from .any_moe import BALANCE_OPTIONS
 from .balance import GlobalBalancer
 from .configuration_qwenmoe_gb import BALANCE_SCOPES
+from .data.sampler import DATA_STATE_FILE, check_data_state
 
 # Collator outputs of fine-tuning libraries (TRL) that are masks for their own losses, not model inputs.
 EXTRA_COLLATOR_KEYS = ("completion_mask", "assistant_masks")
@@ -113,14 +116,50 @@ class SwitchScopeCallback(TrainerCallback):
             self.config.validate_balance()
 
 
+class _EpochAfterSeek(TrainerCallback):
+    """After a resume that seeked the batch stream (the Trainer then counts the resumed epoch's micro-steps from 0),
+    sets `state.epoch` to what the uninterrupted run has at the same step: optimizer steps × accumulation / the
+    loader's length."""
+
+    def __init__(self, trainer: DomainBatchesMixin):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer._seek is not None and self.trainer._loader_length:
+            state.epoch = state.global_step * args.gradient_accumulation_steps / self.trainer._loader_length
+
+
 class DomainBatchesMixin:
     """A `transformers.Trainer` whose training DataLoader takes its batches from `train_batch_sampler` (e.g.
     `data.DomainBatchSampler`: domain-pure micro-batches mixed by recipe weights); accelerate deals them round-robin
-    to the ranks. Without one, the Trainer's own sampler."""
+    to the ranks. Without one, the Trainer's own sampler.
 
-    def __init__(self, *args: Any, train_batch_sampler: Sampler | None = None, **kwargs: Any):
+    A sampler that can start anywhere (a `start` attribute and a `batch(j)` method, as `DomainBatchSampler`) is not
+    replayed on resume: every checkpoint records the stream's position and `data_identity` (`data_state.json`), and a
+    resume starts the sampler there — O(1) in the step, two resumes in a row included — after checking that the data
+    is the same (`allow_data_change=True` continues at the same position on other data).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        train_batch_sampler: Sampler | None = None,
+        data_identity: dict | None = None,
+        allow_data_change: bool = False,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.train_batch_sampler = train_batch_sampler
+        self.data_identity, self.allow_data_change = data_identity or {}, allow_data_change
+        self._seek: tuple[int | None, int] | None = None  # (first micro-batch, the step it follows) after a resume
+        self._loader_length = self._micro_batches_per_step = 0
+        if self._seekable:
+            self.args.ignore_data_skip = True  # the position is restored by seeking, not by replaying batches
+            self.add_callback(_EpochAfterSeek(self))
+
+    @property
+    def _seekable(self) -> bool:
+        return hasattr(self.train_batch_sampler, "start") and hasattr(self.train_batch_sampler, "batch")
 
     def get_train_dataloader(self) -> DataLoader:
         if self.train_batch_sampler is None:
@@ -132,7 +171,62 @@ class DomainBatchesMixin:
             num_workers=self.args.dataloader_num_workers,
             pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available(),
         )
-        return self.accelerator.prepare(loader)
+        prepared = self.accelerator.prepare(loader)
+        shards = getattr(prepared.batch_sampler, "num_processes", 1)  # accelerate's round-robin over the ranks
+        self._loader_length = len(prepared)
+        self._micro_batches_per_step = self.args.gradient_accumulation_steps * shards
+        if self._seek is not None and self._seek[0] is None:  # a checkpoint without data_state.json: its step's place
+            self._seek = (self._seek[1] * self._micro_batches_per_step, self._seek[1])
+            self.train_batch_sampler.start = self._seek[0]
+        return prepared
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        if self._seekable:
+            if resume_from_checkpoint is True:  # as the Trainer reads it: the last checkpoint of output_dir
+                from transformers.trainer_utils import get_last_checkpoint
+
+                resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            self._seek = None
+            self.train_batch_sampler.start = 0
+            if resume_from_checkpoint:
+                self._seek = self._stream_position(resume_from_checkpoint)
+                self.train_batch_sampler.start = self._seek[0] or 0
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _stream_position(self, checkpoint: str) -> tuple[int | None, int]:
+        """(the first micro-batch to train on, the step it follows) after `checkpoint`: its `data_state.json` (checked
+        against `data_identity`); for a checkpoint without one, (None, step): where the uninterrupted stream is at
+        that step, set once the loader's shape is known (`get_train_dataloader`)."""
+        with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+            step = json.load(f)["global_step"]
+        saved = read_data_state(checkpoint)
+        if saved is None:
+            return None, step
+        check_data_state(saved, self.data_identity, self.allow_data_change, where=checkpoint)
+        return saved["consumed_micro_batches"], saved["global_step"]
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        """The RNG states (the Trainer's) and, with a seekable sampler, the stream's position (`data_state.json`,
+        written before `trainer_state.json`, which completes a checkpoint)."""
+        super()._save_rng_state(output_dir)
+        if not self._seekable or not self.args.should_save:
+            return
+        start, start_step = self._seek or (0, 0)
+        consumed = start + (self.state.global_step - start_step) * self._micro_batches_per_step
+        state = {"consumed_micro_batches": consumed, "global_step": self.state.global_step, **self.data_identity}
+        path = os.path.join(output_dir, DATA_STATE_FILE)
+        with open(path + ".tmp", "w") as f:
+            json.dump(state, f, indent=2)
+        os.replace(path + ".tmp", path)
+
+
+def read_data_state(checkpoint: str | os.PathLike) -> dict | None:
+    """A checkpoint's `data_state.json` (the batch stream's position and identity), or None."""
+    path = os.path.join(checkpoint, DATA_STATE_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 class GlobalBalanceMixin(DomainBatchesMixin):
@@ -148,6 +242,8 @@ class GlobalBalanceMixin(DomainBatchesMixin):
             QwenMoE-GB model's config, or the defaults for another model.
         balance_sync_group_size: all-reduce expert counts only within groups of this many ranks (default: all).
         train_batch_sampler: batch sampler of the training DataLoader (default: the Trainer's own sampler).
+        data_identity, allow_data_change: what a checkpoint records of the data, and whether a resume may change it
+            (`DomainBatchesMixin`).
         bias_update: when aux-free biases move, `"global"` (per optimizer step) or `"micro"` (per micro-batch).
     """
 
@@ -325,4 +421,5 @@ __all__ = [
     "QwenMoeGBTrainer",
     "SwitchScopeCallback",
     "console_logs",
+    "read_data_state",
 ]

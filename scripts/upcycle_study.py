@@ -26,7 +26,7 @@ from transformers import TrainingArguments, set_seed
 
 from modeling_qwenmoe_gb import QwenMoeGBForCausalLM, analysis
 from modeling_qwenmoe_gb.convert import dense_moe_config, from_dense
-from modeling_qwenmoe_gb.data import ByteTokenizer, DomainBatchSampler, collate_causal_lm, load_corpus, pack_corpus
+from modeling_qwenmoe_gb.data import ByteTokenizer, DomainBatchSampler, collate_causal_lm, open_data
 from modeling_qwenmoe_gb.pretraining import pretrain
 from modeling_qwenmoe_gb.trainer import DomainBatchTrainer
 
@@ -58,7 +58,7 @@ def train_dense(model, out: Path, steps: int, seed: int, args, train) -> None:
                                    dataloader_drop_last=True, logging_steps=max(1, steps // 20),
                                    save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True,
                                    seed=seed)  # fmt: skip
-    trainer = DomainBatchTrainer(model=model, args=train_args, train_dataset=train.dataset(),
+    trainer = DomainBatchTrainer(model=model, args=train_args, train_dataset=train,
                                  data_collator=collate_causal_lm, train_batch_sampler=sampler)  # fmt: skip
     trainer.train()
     model.save_pretrained(out)
@@ -113,12 +113,9 @@ def main() -> None:
     out = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",")]
     arms = args.arms.split(",")
-    corpus = load_corpus(args.data, max_docs=args.max_docs)
+    data = open_data(args.data, "byte", max_docs_per_domain=args.max_docs)
     tokenizer = ByteTokenizer()
-    train, test = (
-        pack_corpus(corpus, tokenizer, args.seq_len, "train"),
-        pack_corpus(corpus, tokenizer, args.seq_len, "test"),
-    )
+    train, test = data.domains("train", args.seq_len), data.domains("test", args.seq_len)
 
     dense_dir = out / "dense-base"
     if not (dense_dir / "model.safetensors").is_file():
@@ -165,8 +162,8 @@ def run_arm(arm: str, seed: int, run: Path, dense_dir: Path, out: Path, args, tr
     if arm == "dense":
         model = transformers.AutoModelForCausalLM.from_pretrained(dense_dir)
         train_dense(model, run, args.steps, seed, args, train)
-        test = pack_corpus(load_corpus(args.data, max_docs=args.max_docs), ByteTokenizer(), args.seq_len, "test")
-        analysis.write_json(evaluate(model, test, args), run / "eval.json")
+        data = open_data(args.data, "byte", max_docs_per_domain=args.max_docs)
+        analysis.write_json(evaluate(model, data.domains("test", args.seq_len), args), run / "eval.json")
         return
     kind, variant = arm.split("-")
     keep = ["--save_only_model", "true", "--save_total_limit", str(args.checkpoints + 1)]

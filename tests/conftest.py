@@ -1,10 +1,13 @@
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# prepared data of every test run (and of the processes the tests start) in a folder of this session, not ~/.cache
+os.environ["QWENMOE_GB_DATA_CACHE"] = tempfile.mkdtemp(prefix="qwenmoe-gb-data-cache-")
 
 from modeling_qwenmoe_gb import QwenMoeGBConfig  # noqa: E402
 
