@@ -243,7 +243,7 @@ class DataArguments:
         default=False, metadata={"help": "resume on other data, tokenizer, seq_len or weights than the checkpoint's"}
     )
 
-    def open(self) -> OpenedData:
+    def open(self, progress: bool = True) -> OpenedData:
         """The data as token streams (raw text prepared into `data_cache` first, by default the shared cache)."""
         return open_data(
             self.data,
@@ -256,6 +256,7 @@ class DataArguments:
             max_tokens_per_domain=self.max_tokens_per_domain,
             synthetic_docs=self.synthetic_docs,
             test_fraction=self.test_fraction,
+            progress=progress,
         )
 
 
@@ -620,7 +621,7 @@ def pretrain(argv: list[str], callbacks: list | None = None) -> dict:
     distributed_config = parallel_args.distributed_config(train_args.world_size, num_experts, train_args.use_cpu)
     set_seed(train_args.seed)
     with train_args.main_process_first(local=False, desc="prepare data"):  # one process prepares, the others wait
-        data = data_args.open()
+        data = data_args.open(progress=not train_args.disable_tqdm)
         data.folder.max_token_ids(default_cache_dir())  # a token folder without recorded ids is scanned once, here
     data_args.tokenizer = data.tokenizer_name
     tokenizer = data.tokenizer

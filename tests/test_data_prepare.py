@@ -303,6 +303,12 @@ def test_bad_token_files_and_sources_are_named(tmp_path):
         prepare_data(str(tmp_path / "empty"), "byte", tmp_path / "e", progress=False)
     with pytest.raises(ValueError, match="max_tokens_per_domain=0 is not allowed"):
         prepare_data("synthetic", "byte", tmp_path / "x", max_tokens_per_domain=0)
+    with pytest.raises(ValueError, match="is inside data="):
+        prepare_data(str(tmp_path / "empty"), "byte", tmp_path / "empty" / "out")
+    (tmp_path / "hub").mkdir()
+    (tmp_path / "hub" / "train.jsonl").write_text(json.dumps({"text": "x", "kind": "a/b"}))
+    with pytest.raises(ValueError, match="domain 'a/b' cannot name a folder"):
+        prepare_data(f"hub:{tmp_path / 'hub'}", "byte", tmp_path / "h", domain_column="kind", progress=False)
 
 
 def test_a_folder_prepared_otherwise_is_refused_and_the_tokenizer_must_match(tmp_path):

@@ -43,7 +43,7 @@ DTYPE_CODES = {
 HEADER_BYTES = len(MAGIC) + 8 + 1 + 8 + 8  # magic, version, dtype code, sequence count, document-index count
 MANIFEST = "manifest.json"
 SPLITS = ("train", "test")
-SCAN_CHUNK = 1 << 26  # tokens per step of a scan for the largest id
+SCAN_CHUNK = 1 << 22  # tokens per read of a scan for the largest id (8 MiB of uint16: flat memory)
 
 # ----------------------------------------------------------------------------------------- Megatron indexed files
 
@@ -304,7 +304,7 @@ def file_sha256(path: Path) -> str:
     """SHA-256 of a file read in chunks (flat memory)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
+        while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
 

@@ -114,6 +114,8 @@ def prepare_data(
     if output_dir is None:
         output_dir = Path(cache_dir or default_cache_dir()) / fingerprint[:16]
     out = Path(output_dir)
+    if not data.startswith("hub:") and data != "synthetic" and out.resolve().is_relative_to(Path(data).resolve()):
+        raise ValueError(f"output_dir={str(out)!r} is inside data={data!r}: allowed a folder outside the sources")
     if _cached(out, fingerprint) is not None:
         print(f"prepared data: {out} (cache hit: same sources, tokenizer and options)")
         return out
@@ -315,6 +317,10 @@ def _tokenize_unit(unit: Unit, encoder: Encoder, folder: str, caps: dict) -> dic
     for domain, split, text in unit.documents():
         key = f"{domain}/{split}"
         if key not in writers:
+            if not domain or "/" in domain or "\\" in domain or domain.startswith("."):
+                raise ValueError(
+                    f"domain {domain!r} cannot name a folder: allowed names without '/' that do not start with '.'"
+                )
             writers[key] = IndexWriter(tmp / f"part-{len(writers)}", encoder.dtype)
             pending[key], chars[key] = [], 0
         if _full(writers[key], len(pending[key]), split, caps):
