@@ -188,10 +188,14 @@ pretrain(json.loads(sys.argv[1]), callbacks=[FirstStep()])
 """
 
 
-def run_measured(argv: list[str], log: Path) -> dict:
-    """`pretrain argv` in a new process (its output to `log`): peak RSS, peak anonymous RSS (sampled every 20 ms),
-    seconds from the process's start to the end of its first step."""
+def run_measured(argv: list[str], log: Path, cache: Path | None = None) -> dict:
+    """`pretrain argv` in a new process (its output to `log`; `cache`: a fresh data cache, so the run is a first
+    start): peak RSS, peak anonymous RSS (sampled every 20 ms), seconds from the process's start to the end of its
+    first step."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if cache is not None:
+        shutil.rmtree(cache, ignore_errors=True)
+        env["QWENMOE_GB_DATA_CACHE"] = str(cache)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as output:
         start = time.time()
@@ -223,7 +227,7 @@ def bench_memory(args: BenchDataArguments, out: Path) -> dict:
         argv = ["--data", str(data), "--tokenizer", "byte", "--preset", args.preset, "--max_steps", str(args.steps),
                 "--save_strategy", "no", "--output_dir", str(run), "--eval_max_sequences", "4", "--logging_steps", "1",
                 "--disable_tqdm", "true", "--report_to", "none"]  # fmt: skip
-        result = run_measured(argv, out / f"run-{size}.log")
+        result = run_measured(argv, out / f"run-{size}.log", out / f"cache-{size}")  # a first start: ids scanned
         history = json.loads((run / "log_history.json").read_text())["log_history"]
         runtime = next(h["train_runtime"] for h in history if "train_runtime" in h)
         info = json.loads((run / "data_info.json").read_text())
@@ -344,6 +348,13 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
 def main(argv: list[str] | None = None) -> dict:
     from transformers import HfArgumentParser
 
@@ -353,7 +364,7 @@ def main(argv: list[str] | None = None) -> dict:
     parts = args.parts.split(",")
     result: dict = {
         "args": asdict(args),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+        "machine": f"{_cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}",
     }
     if "prepare" in parts:
         result["prepare"] = bench_prepare(args, out)

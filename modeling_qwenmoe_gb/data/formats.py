@@ -5,8 +5,9 @@ Features
   byte pointers, int64 document indices), written byte-identically to megatron-core's `IndexedDatasetBuilder`
   (`IndexWriter`) and checked on open: the header, the index's size from its counts, the `.bin`'s size from the last
   pointer — a truncated or corrupt pair is a `ValueError` naming the file with the expected and actual sizes.
-- `TokenStream`: one domain split's tokens as one sequence over memory-mapped segments (files, Arrow buffers, or
-  arrays): `read(start, stop)` touches only those pages; picklable (DataLoader workers reopen the maps).
+- `TokenStream`: one domain split's tokens as one sequence over segments (token files read with `pread`, the Arrow
+  buffers of a saved dataset, or arrays): `read(start, stop)` reads only that window; picklable (DataLoader workers
+  reopen the files).
 - `open_token_folder(path)`: a folder of domains in any of
   - prepared by `prepare-data` (Megatron pairs + `manifest.json`: tokenizer, counts, the largest ids, fingerprint);
   - Megatron pairs `<domain>/train.bin|idx` (+ `test.bin|idx`), e.g. from Megatron's `tools/preprocess_data.py`;
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -151,40 +153,79 @@ def read_index(prefix: str | Path) -> IndexedFile:
 # ----------------------------------------------------------------------------------------- token streams
 
 
-@dataclass(frozen=True)
+def _read_across(starts: np.ndarray, read_part, start: int, stop: int, dtype) -> np.ndarray:
+    """Tokens [start, stop) of parts back to back: `starts` their cumulative offsets (parts + 1,), `read_part(i, a,
+    b)` tokens [a, b) of part i."""
+    pieces, position = [], start
+    part = int(np.searchsorted(starts, start, side="right")) - 1
+    while position < stop:
+        base, end = int(starts[part]), min(stop, int(starts[part + 1]))
+        pieces.append(read_part(part, position - base, end - base))
+        position, part = end, part + 1
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces) if pieces else np.empty(0, dtype)
+
+
 class FileTokens:
-    """A flat binary file of `count` tokens (a Megatron `.bin`, a datatrove `.ds`)."""
+    """A flat binary file of `count` tokens (a Megatron `.bin`, a datatrove `.ds`), read with `pread`: no page of it
+    is mapped into the process. (A mapped page counts in the process's RSS, and the kernel maps large folios around
+    each fault — about 1.5 MB per random read here — so reading through a memory map grows RSS with the corpus; the
+    page cache behind `pread` is the kernel's.)"""
 
-    path: str
-    dtype: str
-    count: int
+    def __init__(self, path: str, dtype: str, count: int):
+        self.path, self.dtype, self.count = path, np.dtype(dtype), count
+        self._file = None  # opened at the first read (closed with the object)
 
-    def open(self) -> list[np.ndarray]:
-        return [np.memmap(self.path, np.dtype(self.dtype), "r", 0, (self.count,))] if self.count else []
+    def __len__(self) -> int:
+        return self.count
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        if self._file is None:
+            self._file = open(self.path, "rb", buffering=0)
+        size, offset = (stop - start) * self.dtype.itemsize, start * self.dtype.itemsize
+        data = os.pread(self._file.fileno(), size, offset)
+        while len(data) < size:  # a short read (large windows on some filesystems)
+            more = os.pread(self._file.fileno(), size - len(data), offset + len(data))
+            if not more:
+                raise ValueError(f"{self.path}: shorter than its {self.count} tokens")
+            data += more
+        return np.frombuffer(data, self.dtype)
 
     def max_id(self) -> int:
-        """The largest token, read through one reused buffer (not mapped: the scan leaves this process's RSS as it
-        was)."""
-        buffer = np.empty(min(self.count, SCAN_CHUNK), dtype=np.dtype(self.dtype))
+        """The largest token, read through one reused buffer (flat memory)."""
+        buffer = np.empty(min(self.count, SCAN_CHUNK), dtype=self.dtype)
         best = -1
         with open(self.path, "rb") as f:
             while (n := f.readinto(memoryview(buffer).cast("B")) // buffer.itemsize) > 0:
                 best = max(best, int(buffer[:n].max()))
         return best
 
+    def __getstate__(self) -> dict:  # a DataLoader worker opens its own file
+        return {**self.__dict__, "_file": None}
 
-@dataclass(frozen=True)
+
 class ArrowTokens:
-    """The `column` (lists of ids) of a dataset saved with `save_to_disk`: each Arrow chunk's flat values, mapped."""
+    """The `column` (lists of ids) of a dataset saved with `save_to_disk`: each Arrow chunk's flat values, read out of
+    the memory map `datasets` opens (zero-copy)."""
 
-    path: str
-    column: str = "input_ids"
+    def __init__(self, path: str, column: str = "input_ids"):
+        self.path, self.column = path, column
+        self._arrays: list[np.ndarray] | None = None
+        self._starts = np.concatenate([[0], np.cumsum([len(a) for a in self.arrays], dtype=np.int64)])
 
-    def open(self) -> list[np.ndarray]:
-        from datasets import load_from_disk
+    @property
+    def arrays(self) -> list[np.ndarray]:
+        if self._arrays is None:
+            from datasets import load_from_disk
 
-        table = load_from_disk(self.path).data
-        return [chunk.flatten().to_numpy(zero_copy_only=True) for chunk in table.column(self.column).chunks]
+            table = load_from_disk(self.path).data
+            self._arrays = [c.flatten().to_numpy(zero_copy_only=True) for c in table.column(self.column).chunks]
+        return self._arrays
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return _read_across(self._starts, lambda i, a, b: self.arrays[i][a:b], start, stop, np.int64)
 
     def identity(self) -> list:
         state = json.loads((Path(self.path) / "state.json").read_text())
@@ -205,60 +246,45 @@ class ArrowTokens:
                         best = max(best, pc.max(values).as_py())
         return best
 
+    def __getstate__(self) -> dict:  # a DataLoader worker maps the files itself
+        return {**self.__dict__, "_arrays": None}
 
-@dataclass(frozen=True)
+
 class ArrayTokens:
     """Tokens held in memory (small corpora, tests)."""
 
-    array: np.ndarray
+    def __init__(self, array: np.ndarray):
+        self.array = np.asarray(array)
 
-    def open(self) -> list[np.ndarray]:
-        return [self.array]
+    def __len__(self) -> int:
+        return len(self.array)
 
-    def identity(self) -> list:
-        return [hashlib.sha256(np.ascontiguousarray(self.array).tobytes()).hexdigest()]
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return self.array[start:stop]
 
     def max_id(self) -> int:
         return int(self.array.max()) if len(self.array) else -1
 
 
 class TokenStream:
-    """The segments' tokens back to back as one sequence; `read` copies a window out of the memory maps."""
+    """The segments' tokens back to back as one sequence; `read` copies a window out of them."""
 
     def __init__(self, segments: list):
         self.segments = segments
-        self._arrays: list[np.ndarray] | None = None
-        lengths = [len(a) for a in self.arrays]
-        self._starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])  # (segments + 1,)
-
-    @property
-    def arrays(self) -> list[np.ndarray]:
-        if self._arrays is None:
-            self._arrays = [a for s in self.segments for a in s.open()]
-        return self._arrays
+        self._starts = np.concatenate([[0], np.cumsum([len(s) for s in segments], dtype=np.int64)])  # (S + 1,)
 
     def __len__(self) -> int:
         return int(self._starts[-1])
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        """Tokens [start, stop) as a new array."""
+        """Tokens [start, stop)."""
         if not 0 <= start <= stop <= len(self):
             raise IndexError(f"tokens [{start}, {stop}) out of range of a stream of {len(self)}")
-        pieces, position = [], start
-        segment = int(np.searchsorted(self._starts, start, side="right")) - 1
-        while position < stop:
-            base = int(self._starts[segment])
-            end = min(stop, int(self._starts[segment + 1]))
-            pieces.append(self.arrays[segment][position - base : end - base])
-            position, segment = end, segment + 1
-        return np.concatenate(pieces) if len(pieces) != 1 else np.array(pieces[0])
+        return _read_across(self._starts, lambda i, a, b: self.segments[i].read(a, b), start, stop, np.int64)
 
     def max_token_id(self) -> int:
         """The largest id (each segment read in chunks, flat memory); -1 when empty."""
         return max((s.max_id() for s in self.segments), default=-1)
-
-    def __getstate__(self) -> dict:  # DataLoader workers reopen the maps instead of receiving their pages
-        return {**self.__dict__, "_arrays": None}
 
 
 # ----------------------------------------------------------------------------------------- token folders
@@ -439,13 +465,13 @@ def _open_hf(root: Path) -> TokenFolder:
         else:
             continue
         for split, folder in splits.items():
-            segment = ArrowTokens(str(folder))
             columns = json.loads((folder / "dataset_info.json").read_text()).get("features", {})
-            if segment.column not in columns:
+            if "input_ids" not in columns:
                 raise ValueError(
-                    f"{folder}: a saved dataset without an {segment.column!r} column: it has {sorted(columns)} "
+                    f"{folder}: a saved dataset without an 'input_ids' column: it has {sorted(columns)} "
                     "(tokenize it first, e.g. dataset.map(lambda b: tokenizer(b['text']), batched=True))"
                 )
+            segment = ArrowTokens(str(folder))
             streams.setdefault(d.name, {})[split] = TokenStream([segment])
             identity.append([d.name, split, segment.identity()])
     return TokenFolder(str(root), "hf", streams, _sha(["hf", identity]))
