@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,6 +48,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from .any_moe import BALANCE_OPTIONS
 from .balance import GlobalBalancer
 from .configuration_qwenmoe_gb import BALANCE_SCOPES
+from .data.formats import write_json_atomic
 from .data.sampler import DATA_STATE_FILE, check_data_state
 
 # Collator outputs of fine-tuning libraries (TRL) that are masks for their own losses, not model inputs.
@@ -214,10 +216,7 @@ class DomainBatchesMixin:
         start, start_step = self._seek or (0, 0)
         consumed = start + (self.state.global_step - start_step) * self._micro_batches_per_step
         state = {"consumed_micro_batches": consumed, "global_step": self.state.global_step, **self.data_identity}
-        path = os.path.join(output_dir, DATA_STATE_FILE)
-        with open(path + ".tmp", "w") as f:
-            json.dump(state, f, indent=2)
-        os.replace(path + ".tmp", path)
+        write_json_atomic(Path(output_dir) / DATA_STATE_FILE, state)
 
 
 def read_data_state(checkpoint: str | os.PathLike) -> dict | None:

@@ -16,6 +16,7 @@ import pytest
 from modeling_qwenmoe_gb.data import open_data, open_token_folder, prepare_data, read_index
 from modeling_qwenmoe_gb.data import prepare as prepare_module
 from modeling_qwenmoe_gb.data.formats import IndexWriter
+from modeling_qwenmoe_gb.data_benchmark import bpe_tokenizer as train_bpe
 
 WORDS = ["alpha", "beta", "γάμμα", "数据", "mixture", "expert", "router", "token", "\u2028", "naïve", "def f(x):"]
 
@@ -27,18 +28,7 @@ def _docs(seed: int, n: int) -> list[str]:
 
 def bpe_tokenizer(folder: Path, texts: list[str]) -> str:
     """A byte-level BPE tokenizer trained here (no download), saved as a transformers tokenizer folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=420, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(texts, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(folder)
-    return str(folder)
+    return str(train_bpe(texts, 420, folder))
 
 
 def write_mixed_formats(root: Path) -> dict[tuple[str, str], list[Path]]:

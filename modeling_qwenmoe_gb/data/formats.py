@@ -322,7 +322,7 @@ class TokenFolder:
         }
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            _write_json_atomic(cache, self.max_ids)
+            write_json_atomic(cache, self.max_ids)
         return self.max_ids
 
 
@@ -335,13 +335,15 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_json_atomic(path: Path, value) -> None:
+def write_json_atomic(path: Path, value) -> None:
+    """`value` as JSON at `path`, written whole or not at all (a temporary file renamed)."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(value, indent=2))
     tmp.replace(path)
 
 
-def _sha(value) -> str:
+def json_sha256(value) -> str:
+    """SHA-256 of a JSON-able value (keys sorted): the fingerprints of sources, options and folders."""
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
@@ -359,7 +361,7 @@ def open_token_folder(path: str | Path) -> TokenFolder | None:
     domains = _domain_dirs(root)
     if any((d / "train.idx").is_file() for d in domains):
         streams, identity = _megatron_streams(root, with_identity=True)
-        return TokenFolder(str(root), "megatron", streams, _sha(["megatron", identity]))
+        return TokenFolder(str(root), "megatron", streams, json_sha256(["megatron", identity]))
     if any(_datatrove_files(d, "train") for d in domains):
         return _open_datatrove(root)
     if any(_is_saved_dataset(d) for d in domains):
@@ -439,7 +441,7 @@ def _open_datatrove(root: Path) -> TokenFolder:
                     )
     names = {_datatrove_tokenizer(f) for d in _domain_dirs(root) for s in SPLITS for f in _datatrove_files(d, s)}
     tokenizer = {"name": names.pop()} if len(names) == 1 and None not in names else None
-    return TokenFolder(str(root), "datatrove", streams, _sha(["datatrove", identity]), tokenizer)
+    return TokenFolder(str(root), "datatrove", streams, json_sha256(["datatrove", identity]), tokenizer)
 
 
 def _datatrove_tokenizer(path: Path) -> str | None:
@@ -474,7 +476,7 @@ def _open_hf(root: Path) -> TokenFolder:
             segment = ArrowTokens(str(folder))
             streams.setdefault(d.name, {})[split] = TokenStream([segment])
             identity.append([d.name, split, segment.identity()])
-    return TokenFolder(str(root), "hf", streams, _sha(["hf", identity]))
+    return TokenFolder(str(root), "hf", streams, json_sha256(["hf", identity]))
 
 
 __all__ = [

@@ -18,7 +18,6 @@ Features
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing
 import os
@@ -32,7 +31,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .formats import MANIFEST, IndexWriter, TokenFolder, TokenStream, open_token_folder, read_index, write_index
+from .formats import (
+    MANIFEST,
+    IndexWriter,
+    TokenFolder,
+    TokenStream,
+    json_sha256,
+    open_token_folder,
+    read_index,
+    write_index,
+    write_json_atomic,
+)
 from .sources import UNIT_BYTES, Plan, Unit, plan_units
 from .tokenizer import Encoder, load_tokenizer
 
@@ -74,10 +83,6 @@ def default_num_proc() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _sha(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
-
-
 def prepare_data(
     data: str,
     tokenizer: str = "byte",
@@ -110,7 +115,7 @@ def prepare_data(
     options = {"text_field": text_field, "domain_column": domain_column, "synthetic_docs": synthetic_docs,
                "test_fraction": test_fraction, "max_tokens_per_domain": max_tokens_per_domain,
                "max_docs_per_domain": max_docs_per_domain}  # fmt: skip
-    fingerprint = _sha([FORMAT, plan.fingerprint, encoder.sha256, options])
+    fingerprint = json_sha256([FORMAT, plan.fingerprint, encoder.sha256, options])
     if output_dir is None:
         output_dir = Path(cache_dir or default_cache_dir()) / fingerprint[:16]
     out = Path(output_dir)
@@ -139,7 +144,7 @@ def prepare_data(
             "prepare": {"num_proc": num_proc or default_num_proc(), "seconds": round(seconds, 3),
                         "tokens_per_second": round(tokens / max(seconds, 1e-9))},
         }  # fmt: skip
-        _write_json(out / MANIFEST, manifest)
+        write_json_atomic(out / MANIFEST, manifest)
         shutil.rmtree(out / WORK_DIR, ignore_errors=True)
     print(f"prepared data: {out} ({tokens:,} tokens in {seconds:.1f} s, {tokens / max(seconds, 1e-9):,.0f} tokens/s)")
     return out
@@ -172,7 +177,7 @@ def _claim(out: Path, fingerprint: str, plan: Plan, encoder: Encoder, options: d
     work.mkdir(parents=True, exist_ok=True)
     record = {"fingerprint": fingerprint, "sources": {"fingerprint": plan.fingerprint},
               "tokenizer": encoder.describe(), "options": options}  # fmt: skip
-    _write_json(work / "plan.json", record)
+    write_json_atomic(work / "plan.json", record)
 
 
 def _changes(earlier: dict, plan: Plan, encoder: Encoder, options: dict) -> str:
@@ -184,12 +189,6 @@ def _changes(earlier: dict, plan: Plan, encoder: Encoder, options: dict) -> str:
     before = earlier.get("options", {})
     parts += [f"{k}={before.get(k)!r} (now {v!r})" for k, v in options.items() if before.get(k) != v]
     return ", ".join(parts) or "settings"
-
-
-def _write_json(path: Path, value) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------------------- tokenizing units
@@ -336,7 +335,7 @@ def _tokenize_unit(unit: Unit, encoder: Encoder, folder: str, caps: dict) -> dic
     for index, (key, writer) in enumerate(writers.items()):
         parts[key] = {"part": f"part-{index}", **writer.close()}
     record = {"parts": parts, "tokens": sum(p["tokens"] for p in parts.values())}
-    _write_json(tmp / DONE, record)
+    write_json_atomic(tmp / DONE, record)
     tmp.rename(out)
     return record
 

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .formats import json_sha256
 from .synthetic import SYNTHETIC_DOMAINS, synthetic_documents
 
 SPLITS = ("train", "test")
@@ -279,7 +280,7 @@ class Plan:
 
     @property
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()
+        return json_sha256(self.identity)
 
 
 def plan_units(
