@@ -1,5 +1,5 @@
-"""Multi-domain pretraining data at scale: sources, a parallel prepare step, memory-mapped token files and a
-domain-pure batch sampler with an exact mixture and an O(1) resume.
+"""Multi-domain pretraining data at scale: sources, a parallel prepare step, token files read in place (flat memory)
+and a domain-pure batch sampler with an exact mixture and an O(1) resume.
 
 Modules
 - `sources`: where each domain's text comes from (local jsonl / jsonl.gz / jsonl.zst / parquet / txt folders, Hub

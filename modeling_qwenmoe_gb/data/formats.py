@@ -1,4 +1,4 @@
-"""Token files on disk that memory-map: what `prepare-data` writes and what training reads.
+"""Token files on disk, read in place: what `prepare-data` writes and what training reads.
 
 Features
 - Megatron-Core's indexed dataset (`<prefix>.bin` tokens back to back + `<prefix>.idx`: header, int32 lengths, int64

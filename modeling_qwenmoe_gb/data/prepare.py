@@ -1,4 +1,4 @@
-"""`qwenmoe-gb prepare-data`: tokenize once, in parallel, into memory-mapped token files per domain and split.
+"""`qwenmoe-gb prepare-data`: tokenize once, in parallel, into token files per domain and split.
 
 Features
 - Any source `sources.plan_units` reads (local folders of .jsonl / .jsonl.gz / .jsonl.zst / .parquet / .txt, Hub
