@@ -75,13 +75,15 @@ def open_data(
     `tokenizer` None: the folder's recorded tokenizer, else `byte`; a prepared folder made with another tokenizer
     than `tokenizer` is refused."""
     folder = open_token_folder(data) if not data.startswith("hub:") and data != "synthetic" else None
+    loaded = None
     if folder is None:
-        name = tokenizer or "byte"
-        path = prepare_data(data, name, cache_dir=cache_dir, num_proc=num_proc, **prepare_options)
+        loaded = load_tokenizer(tokenizer or "byte")
+        path = prepare_data(data, tokenizer or "byte", cache_dir=cache_dir, num_proc=num_proc, loaded_tokenizer=loaded,
+                            **prepare_options)  # fmt: skip
         folder = open_token_folder(path)
     recorded = (folder.tokenizer or {}).get("name")
     name = tokenizer or recorded or "byte"
-    loaded = load_tokenizer(name)
+    loaded = loaded or load_tokenizer(name)
     encoder = Encoder.of(loaded, name)
     expected = (folder.tokenizer or {}).get("sha256")
     if expected is not None and expected != encoder.sha256:

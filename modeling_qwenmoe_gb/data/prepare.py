@@ -98,17 +98,19 @@ def prepare_data(
     overwrite: bool = False,
     progress: bool = True,
     unit_bytes: int = UNIT_BYTES,
+    loaded_tokenizer=None,
 ) -> Path:
     """Prepare `data` with `tokenizer` into `output_dir` (or `<cache_dir>/<fingerprint>`, by default in
     `default_cache_dir()`) and return the folder.
-    `unit_bytes`: source text per unit (a process's share at a time; part of what identifies the work in progress)."""
+    `unit_bytes`: source text per unit (a process's share at a time; part of what identifies the work in progress).
+    `loaded_tokenizer`: `tokenizer` already loaded by the caller (not loaded again)."""
     for name, value in (("max_tokens_per_domain", max_tokens_per_domain), ("max_docs_per_domain", max_docs_per_domain),
                         ("num_proc", num_proc)):  # fmt: skip
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name}={value!r} is not allowed: an integer >= 1 is required")
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"test_fraction={test_fraction!r} is not allowed: a number in [0, 1) is required")
-    encoder = Encoder.of(load_tokenizer(tokenizer), tokenizer)
+    encoder = Encoder.of(loaded_tokenizer or load_tokenizer(tokenizer), tokenizer)
     plan = plan_units(
         data, text_field, domain_column, synthetic_docs, test_fraction=test_fraction, unit_bytes=unit_bytes
     )
