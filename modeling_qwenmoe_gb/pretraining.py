@@ -622,7 +622,7 @@ def pretrain(argv: list[str], callbacks: list | None = None) -> dict:
     set_seed(train_args.seed)
     with train_args.main_process_first(local=False, desc="prepare data"):  # one process prepares, the others wait
         data = data_args.open(progress=not train_args.disable_tqdm)
-        data.folder.max_token_ids(default_cache_dir())  # a token folder without recorded ids is scanned once, here
+        data.folder.max_token_ids(data_args.data_cache or default_cache_dir())  # scanned once (when not recorded)
     data_args.tokenizer = data.tokenizer_name
     tokenizer = data.tokenizer
     train, test = data.domains("train", data_args.seq_len), data.domains("test", data_args.seq_len)

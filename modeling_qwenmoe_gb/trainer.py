@@ -199,11 +199,10 @@ class DomainBatchesMixin:
         """(the first micro-batch to train on, the step it follows) after `checkpoint`: its `data_state.json` (checked
         against `data_identity`); for a checkpoint without one, (None, step): where the uninterrupted stream is at
         that step, set once the loader's shape is known (`get_train_dataloader`)."""
-        with open(os.path.join(checkpoint, "trainer_state.json")) as f:
-            step = json.load(f)["global_step"]
         saved = read_data_state(checkpoint)
         if saved is None:
-            return None, step
+            with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+                return None, json.load(f)["global_step"]
         check_data_state(saved, self.data_identity, self.allow_data_change, where=checkpoint)
         return saved["consumed_micro_batches"], saved["global_step"]
 

@@ -50,9 +50,10 @@ class OpenedData:
     def domains(self, split: str, seq_len: int) -> TokenDomains:
         return TokenDomains(self.folder.split(split), seq_len)
 
-    def check_vocab(self, vocab_size: int) -> None:
-        """`ValueError` naming the domain, the split and the largest id when a token id is >= `vocab_size`."""
-        for domain, splits in sorted(self.folder.max_token_ids(default_cache_dir()).items()):
+    def check_vocab(self, vocab_size: int, cache_dir: str | Path | None = None) -> None:
+        """`ValueError` naming the domain, the split and the largest id when a token id is >= `vocab_size` (the ids
+        recorded, or scanned once and cached in `cache_dir`, default `default_cache_dir()`)."""
+        for domain, splits in sorted(self.folder.max_token_ids(cache_dir or default_cache_dir()).items()):
             for split, largest in sorted(splits.items()):
                 if largest >= vocab_size:
                     raise ValueError(

@@ -35,7 +35,6 @@ from .formats import (
     MANIFEST,
     IndexWriter,
     TokenFolder,
-    TokenStream,
     json_sha256,
     open_token_folder,
     read_index,
@@ -422,7 +421,7 @@ def _write_split(folder: Path, split: str, kept: list[tuple[Path, int, int, dict
     largest = -1
     for prefix, n, count, stats in kept:  # a whole part's largest id is recorded; a cut one's is read
         whole = n == stats["documents"]
-        cut = TokenStream([read_index(prefix).tokens_segment()])
+        cut = read_index(prefix).tokens_segment()
         largest = max(largest, stats["max_token_id"] if whole else int(cut.read(0, count).max()))
     return {"tokens": index.tokens, "documents": index.num_documents, "max_token_id": largest}
 

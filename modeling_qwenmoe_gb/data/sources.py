@@ -29,10 +29,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .formats import json_sha256
+from .formats import SPLITS, json_sha256
 from .synthetic import SYNTHETIC_DOMAINS, synthetic_documents
 
-SPLITS = ("train", "test")
 UNIT_BYTES = 16 << 20  # text per unit: enough to keep a process busy ~1 s, small enough to balance N processes
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 HUB_TEST_SPLITS = ("test", "validation")
