@@ -21,6 +21,9 @@ Features
   block), which transformers never updates, for the balancer's once-per-step update; the checkpoint keeps it under
   its own name.
 - `BalanceConfig`: the balance options, with the names and the validation of `QwenMoeGBConfig`.
+- Quantile Balancing (`aux_free_method="quantile"`) for routers with an `e_score_correction_bias` added to their
+  scores: each layer's margin histogram (and micro-batch quantile) is computed in its hook from the scores and the
+  bias, as the QwenMoE-GB forward does; group-limited routing (`n_group > 1`, `topk_group < n_group`) is refused.
 - The model's own aux loss is switched off (`output_router_logits=False`), with a log line: the balancer adds the loss.
 
 Shape legend: B batch, S sequence, T = B·S tokens, E experts, K top-k, L MoE layers.
@@ -38,7 +41,14 @@ from transformers.integrations import use_experts_implementation
 from transformers.utils.logging import get_logger
 
 from .configuration_qwenmoe_gb import ROUTER_SCORING_FUNCS, expert_partition, validate_balance_fields
-from .modeling_qwenmoe_gb import RouterStats, router_statistics, token_mask_from
+from .modeling_qwenmoe_gb import (
+    RouterStats,
+    margin_histogram,
+    micro_batch_quantile,
+    router_statistics,
+    routing_margins,
+    token_mask_from,
+)
 
 logger = get_logger(__name__)
 
@@ -67,6 +77,10 @@ class BalanceConfig:
     router_z_loss_coef: float = 0.0
     aux_free: bool = False
     aux_free_bias_update_rate: float = 0.001
+    aux_free_method: str = "sign"
+    quantile_scope: str = "global"
+    quantile_bins: int = 1000
+    quantile_ema: float = 0.0
     router_scoring_func: str | None = None
 
     def __post_init__(self):
@@ -307,10 +321,19 @@ class StockMoE:
             options["router_aux_loss_coef"] = own * top_k if isinstance(own, (int, float)) and own > 0 else 0.001
         self.config = BalanceConfig(num_experts, top_k, **options)
         if self.config.aux_free and any(layer.bias is None for layer in self.layers):
+            method = f"aux_free_method={self.config.aux_free_method!r}"
             raise ValueError(
-                f"aux_free=True is not allowed for {self.model_class}: its routers hold no {BIAS_NAME} (the aux-free "
-                "selection bias of DeepSeek-V3-style routers) to update; allowed for models that have one "
+                f"aux_free=True ({method}) is not allowed for {self.model_class}: its routers hold no {BIAS_NAME} (the "
+                "aux-free selection bias of DeepSeek-V3-style routers) to update; allowed for models that have one "
                 "(DeepSeek-V3, GLM-4.5, dots1, ERNIE-4.5-MoE, ...) and for QwenMoE-GB models"
+            )
+        self.quantile = self.config.aux_free and self.config.aux_free_method == "quantile"
+        n_group, topk_group = getattr(config, "n_group", None) or 1, getattr(config, "topk_group", None) or 1
+        if self.quantile and n_group > 1 and topk_group < n_group:
+            raise ValueError(
+                f"aux_free_method='quantile' is not allowed for {self.model_class} with group-limited routing "
+                f"(n_group={n_group}, topk_group={topk_group}): the quantile is the dual of top-k over all experts "
+                "(Megatron-Core refuses it too); allowed n_group=1 or topk_group=n_group in the model's config"
             )
         if getattr(config, "output_router_logits", False):
             config.output_router_logits = False
@@ -470,7 +493,7 @@ class StockMoE:
             if not self._read_scoring(output, top_k_weights, required=forward.record):
                 return
             scores = router_scores(output, self.scoring, self.output_is_scores)  # (T', E)
-            stats = self._layer_stats(forward, output, scores, top_k_index)
+            stats = self._layer_stats(forward, output, scores, top_k_index, layer)
             if not forward.record:
                 return
             forward.stats[layer] = stats
@@ -517,8 +540,11 @@ class StockMoE:
                     "scores" if self.output_is_scores else "logits")  # fmt: skip
         return True
 
-    def _layer_stats(self, forward: _Forward, output: torch.Tensor, scores: torch.Tensor, top_k_index) -> tuple:
-        """This layer's (B, E) counts, (B, E) probability sums, (B,) tokens and (B,) z sums."""
+    def _layer_stats(
+        self, forward: _Forward, output: torch.Tensor, scores: torch.Tensor, top_k_index, layer: int
+    ) -> tuple:
+        """This layer's (B, E) counts, (B, E) probability sums, (B,) tokens and (B,) z sums; with Quantile Balancing
+        in a training forward also its (E, bins) margin histogram and (E,) micro-batch quantile (or None)."""
         tokens = forward.batch * forward.seq
         if scores.numel() != tokens * self.config.num_experts:
             raise ValueError(
@@ -530,13 +556,24 @@ class StockMoE:
         logits = None if self.output_is_scores else output.reshape(tokens, -1)  # (T, E)
         index = top_k_index.reshape(tokens, -1)  # (T, K)
         z_grad = self.config.router_z_loss_coef > 0
-        return router_statistics(logits, probs, index, forward.mask, z_grad, forward.batch)
+        stats = router_statistics(logits, probs, index, forward.mask, z_grad, forward.batch)
+        if not (self.quantile and forward.training):
+            return stats
+        with torch.no_grad():  # Quantile Balancing: this layer's margins at the bias it routed with
+            bias = self.layers[layer].bias.detach().float().view(-1)  # (E,)
+            mask = None if forward.mask is None else forward.mask.reshape(-1)  # (T,)
+            margins = routing_margins(scores.detach().reshape(tokens, -1), bias, self.config.num_experts_per_tok)
+            histogram = margin_histogram(margins, bias, self.config.quantile_bins, mask)  # (E, bins)
+            quantiles = None
+            if self.config.quantile_scope == "micro_mean":
+                quantiles = micro_batch_quantile(margins, self.config.num_experts_per_tok, mask)  # (E,)
+        return (*stats, histogram, quantiles)
 
 
 def _stack(forward: _Forward) -> RouterStats:
     """The layers' statistics stacked in layer order: (L, B, E) counts and probability sums, (L, B) tokens and z."""
     per_layer = [forward.stats[i] for i in sorted(forward.stats)]
-    return RouterStats(*(torch.stack(x) for x in zip(*per_layer)))
+    return RouterStats(*(None if x[0] is None else torch.stack(x) for x in zip(*per_layer)))
 
 
 def _experts_and_top_k(layer: MoELayer, config) -> tuple[int, int]:

@@ -8,15 +8,19 @@ Features
 - Counting happens only when the model is training and grad is enabled: eval never touches the buffer, and gradient
   checkpointing cannot count twice (statistics are forward outputs, not side effects of the recompute).
 - `GlobalBalancer.step()`, called once per optimizer step after the last micro-step and before `optimizer.step()`:
-  updates the aux-free biases from the step's global counts (`b += u · sign(mean(c) − c)` per layer; identical on
-  every rank) and resets the buffer. `register_step_hook(optimizer)` does that as an optimizer step pre-hook.
+  updates the aux-free biases from the step's global statistics (identical on every rank) and resets the buffer:
+  `aux_free_method="sign"`: `b += u · sign(mean(c) − c)` per layer from the counts; `"quantile"`: Quantile Balancing
+  (`modeling_qwenmoe_gb.quantile`), the bias solved from the step's margin histograms (or the mean of the
+  micro-batches' quantiles), pooled over the micro-steps and the ranks in one all-reduce at the step.
+  `register_step_hook(optimizer)` does that as an optimizer step pre-hook.
 - Any transformers MoE, trained as it is (Qwen2/3-MoE, OLMoE, Mixtral, GPT-OSS, DeepSeek-V3, GLM-4.5, ...): the
   balancer reads it through `any_moe.StockMoE` (forward hooks giving the same `RouterStats`), with the balance options
   given to the balancer (`GlobalBalancer(model, balance_scope="global", router_aux_loss_coef=0.01, aux_free=True)`);
   aux-free updates the model's own `e_score_correction_bias`.
 - Sub-groups of a given size (`sync_group_size`) emulate "synchronise within a node" for a balance-BSZ sweep.
 - Metrics per optimizer step (per layer and mean): global and micro LBL, MaxVio global and micro (micro = the micro
-  scope's groups: chunks of `balance_group_size` sequences or the micro-batch), z-loss, bias spread (aux-free), and
+  scope's groups: chunks of `balance_group_size` sequences or the micro-batch), z-loss, bias spread (aux-free),
+  with Quantile Balancing `qb_maxvio_after` (the step's tokens at the new bias, α held) and `qb_bin_width`, and
   MaxVio over devices: `maxvio_device` from the global counts (devices = the expert-parallel ranks of a model
   sharded with EP, else the virtual groups of `device_balance_groups`) and, under EP with `CountingAllToAllEP`,
   `maxvio_device_delivered` from what the all-to-all delivered; dead experts: `dead_experts` (experts that served no
@@ -39,6 +43,7 @@ from collections import defaultdict, deque
 import torch
 import torch.distributed as dist
 from torch import nn
+from transformers.utils.logging import get_logger
 
 from .any_moe import BALANCE_OPTIONS, StockMoE
 from .expert_parallel import delivered_counts, reset_delivered_counts, sent_off_rank
@@ -50,6 +55,9 @@ from .modeling_qwenmoe_gb import (
     micro_group_size,
     per_group_lbl,
 )
+from .quantile import QuantileState
+
+logger = get_logger(__name__)
 
 
 def find_moe_model(model: nn.Module) -> nn.Module | None:
@@ -191,6 +199,9 @@ class GlobalBalancer:
         self._loss = torch.compile(self._balance_loss, fullgraph=True) if compile else self._balance_loss
         self.moe_model = moe_layers(model, **balance_options)
         self.config = self.moe_model.config
+        self.quantile = QuantileState(self.config)
+        if self.quantile_balancing:
+            check_quantile_balancing(self.config, bias_update)
         self.model = model
         self.groups = self.moe_model.expert_groups()
         self.device_groups = device_groups(self.moe_model)
@@ -249,9 +260,15 @@ class GlobalBalancer:
         loss, parts = self._loss(stats, global_counts if use_global else None)
         if counting:
             self._record(stats)
-            if self.config.aux_free and self.bias_update == "micro":
+            if self.quantile_balancing:
+                self.quantile.observe(stats)
+            elif self.config.aux_free and self.bias_update == "micro":
                 self._update_biases(stats.counts.detach().sum(1))
         return loss, parts
+
+    @property
+    def quantile_balancing(self) -> bool:
+        return self.config.aux_free and self.config.aux_free_method == "quantile"
 
     def _balance_loss(
         self, stats: RouterStats, global_counts: torch.Tensor | None
@@ -337,7 +354,10 @@ class GlobalBalancer:
                 self._add("sent_off_rank", rows.to(delivered.device))
                 self._add("tokens_off_rank", tokens.to(delivered.device))
                 reset_delivered_counts(self.model)
-        if self.config.aux_free and self.bias_update == "global":
+        if self.quantile_balancing:
+            for name, value in self.quantile.update(self.moe_model.biases(), self.group).items():
+                self._add(name, value)
+        elif self.config.aux_free and self.bias_update == "global":
             self._update_biases(counts)
         if self.config.aux_free:  # the bias moves the selection only with aux-free routing
             bias = torch.stack(self.moe_model.biases())  # (L, E)
@@ -423,6 +443,27 @@ class GlobalBalancer:
         return metrics
 
 
+def check_quantile_balancing(config, bias_update: str = "global") -> None:
+    """Quantile Balancing's settings against the rest: `ValueError` for a per-micro-batch bias update (QB's
+    micro-batch form is `quantile_scope="micro_mean"`), a warning for a balance loss next to it."""
+    if bias_update != "global":
+        raise ValueError(
+            f"bias_update={bias_update!r} with aux_free_method='quantile' is not allowed: QB sets the bias once per "
+            "optimizer step; its per-micro-batch form is quantile_scope='micro_mean' (allowed bias_update='global')"
+        )
+    coefs = {n: getattr(config, n, 0.0) for n in ("router_aux_loss_coef", "micro_balance_coef", "device_balance_coef")}
+    if coefs["device_balance_coef"] and getattr(config, "device_balance_groups", None) is None:
+        coefs["device_balance_coef"] = 0.0  # off without groups
+    active = {n: v for n, v in coefs.items() if v}
+    if active:
+        logger.warning(
+            "aux_free_method='quantile' with %s: QB balances the selection by itself each step (Megatron-Core "
+            "requires moe_aux_loss_coeff=0); a balance loss next to it only moves the router's scores. Keep it small "
+            "(the study's QB + sequence-wise arm uses 1e-4 at balance_scope='sequence') or 0",
+            ", ".join(f"{n}={v}" for n, v in active.items()),
+        )
+
+
 def _total(increments: list[torch.Tensor]) -> torch.Tensor:
     """(L, E) sum of a step's (L, E) count increments."""
     return increments[0] if len(increments) == 1 else torch.stack(increments).sum(0)
@@ -441,6 +482,7 @@ def _comm_device() -> torch.device:
 
 __all__ = [
     "GlobalBalancer",
+    "check_quantile_balancing",
     "QwenMoeGBLayers",
     "moe_layers",
     "data_parallel_group",

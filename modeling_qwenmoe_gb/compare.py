@@ -7,7 +7,10 @@ Features
   chunks of b sequences: the balance-BSZ sweep on one device), `global` (whole step, + accumulation buffer),
   `global+micro` (global + `micro_balance_coef` × micro, paper Table 5), `auxfree-micro` / `auxfree-global` (aux-free
   bias moved per micro-batch from local counts / per step from global counts), `micro->global` / `global->micro`
-  (scope switched at `switch_step`, paper Table 3), `global+device` (global + the device-level loss over the
+  (scope switched at `switch_step`, paper Table 3), `qb-global` / `qb-micro_mean` (Quantile Balancing, no loss: the
+  bias solved each step from the pooled margin histograms / the mean of the micro-batches' quantiles),
+  `qb-global+seq` (QB + a sequence-wise LBL of coefficient `arm_sequence_coef`, DeepSeek-V3's complement),
+  `global+device` (global + the device-level loss over the
   expert-parallel ranks, `device_balance_groups="ep"`, coefficient `arm_device_balance_coef`), `global+grouped`
   (global + group-limited routing: `arm_n_group` groups, `arm_topk_group` per token; under EP with `arm_n_group =
   ep_size` a token reaches at most `arm_topk_group` ranks), `global+cap<f>` (global + capacity factor f in training,
@@ -60,6 +63,7 @@ class CompareArguments:
     domain_chunk: int = field(default=2, metadata={"help": "sequences per domain-pure chunk (the micro batch)"})
     arm_micro_balance_coef: float = field(default=0.01, metadata={"help": "micro coefficient of global+micro"})
     arm_device_balance_coef: float = field(default=0.1, metadata={"help": "device coefficient of global+device"})
+    arm_sequence_coef: float = field(default=1e-4, metadata={"help": "sequence-wise LBL coefficient of qb-global+seq"})
     arm_n_group: int = field(default=2, metadata={"help": "expert groups of global+grouped (= ep_size: devices)"})
     arm_topk_group: int = field(default=1, metadata={"help": "groups per token of global+grouped"})
     switch_step: int | None = field(default=None, metadata={"help": "step of the scope switch (default: half)"})
@@ -78,6 +82,11 @@ def arm_flags(arm: str, args: CompareArguments, max_steps: int) -> list[str]:
                           "--device_balance_groups", "ep", "--device_balance_coef", str(args.arm_device_balance_coef)],
         "auxfree-micro": ["--aux_free", "true", "--router_aux_loss_coef", "0", "--aux_free_update", "micro"],
         "auxfree-global": ["--aux_free", "true", "--router_aux_loss_coef", "0", "--aux_free_update", "global"],
+        "qb-global": ["--aux_free", "true", "--aux_free_method", "quantile", "--router_aux_loss_coef", "0"],
+        "qb-micro_mean": ["--aux_free", "true", "--aux_free_method", "quantile", "--quantile_scope", "micro_mean",
+                          "--router_aux_loss_coef", "0"],
+        "qb-global+seq": ["--aux_free", "true", "--aux_free_method", "quantile", "--balance_scope", "sequence",
+                          "--router_aux_loss_coef", str(args.arm_sequence_coef)],
         "micro->global": ["--balance_scope", "micro", "--balance_group_size", str(args.domain_chunk),
                           "--switch_scope_at", switch, "--switch_scope_to", "global"],
         "global->micro": ["--balance_scope", "global", "--balance_group_size", str(args.domain_chunk),

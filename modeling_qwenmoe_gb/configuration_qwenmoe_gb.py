@@ -22,6 +22,8 @@ from transformers import Qwen2MoeConfig
 
 BALANCE_SCOPES = ("micro", "global", "sequence")
 ROUTER_SCORING_FUNCS = ("softmax", "sigmoid")
+AUX_FREE_METHODS = ("sign", "quantile")  # the aux-free bias update: DeepSeek's ±u sign rule, Quantile Balancing
+QUANTILE_SCOPES = ("global", "micro_mean")  # QB's quantile: pooled over the step (histogram), mean of micro-batches
 LOSS_IMPLEMENTATIONS = ("chunked", "full", "liger")
 ROUTER_DTYPES = ("auto", "float32")
 MOE_RECOMPUTE = ("none", "expert_act", "experts", "moe")
@@ -67,7 +69,25 @@ class QwenMoeGBConfig(Qwen2MoeConfig):
             added to the scores for top-k selection only; the trainer updates it once per optimizer step from the
             global counts: `b += u · sign(mean(c) − c)`.
         aux_free_bias_update_rate (`float`, *optional*, defaults to 0.001):
-            The update rate `u` of the aux-free bias.
+            The update rate `u` of the aux-free bias (`aux_free_method="sign"`).
+        aux_free_method (`str`, *optional*, defaults to `"sign"`):
+            How the aux-free bias moves once per optimizer step: `"sign"` (DeepSeek's rule above, rate
+            `aux_free_bias_update_rate`) or `"quantile"` (Quantile Balancing, Su 2026 / Kimi K3: no rate). QB sets the
+            bias to the one dual step of "route every token to k experts, every expert to T·k/E tokens": per token
+            α_t = the (k+1)-th largest biased score, margins r_tj = α_t − s_tj, and b_j = the (k/E)-quantile of r_:,j
+            over the step's real tokens (the selection of expert j at that bias is exactly k/E of them); b is then
+            mean-centred and replaces the old one (or is blended, `quantile_ema`). Requires `aux_free=True`.
+        quantile_scope (`str`, *optional*, defaults to `"global"`):
+            Which tokens QB's quantile is taken over: `"global"` (Kimi K3, TransformerEngine, torchtitan: per expert a
+            histogram of margins, int64 counts summed over the step's micro-batches and the data-parallel ranks, the
+            quantile read from the pooled histogram inside its bin) or `"micro_mean"` (Megatron-Core: the exact
+            quantile of each micro-batch, the (⌊T·k/E⌋+1)-th smallest margin, averaged over micro-batches and ranks).
+        quantile_bins (`int`, *optional*, defaults to 1000):
+            Histogram bins per expert (`quantile_scope="global"`), uniform over [min b − 1, max b + 1] (margins of
+            scores in [0, 1] lie there); the quantile is within one bin width of the exact pooled one. At least 10.
+        quantile_ema (`float`, *optional*, defaults to 0.0):
+            QB's new bias = `ema · old + (1 − ema) · quantiles`, then mean-centred; 0 replaces the bias (Su, Megatron's
+            default). In [0, 1).
         router_scoring_func (`str`, *optional*, defaults to `"softmax"`):
             `"softmax"` or `"sigmoid"` router scores. With sigmoid, the balance losses use the scores normalised
             to sum to one over experts.
@@ -135,6 +155,10 @@ class QwenMoeGBConfig(Qwen2MoeConfig):
     router_z_loss_coef: float = 0.0
     aux_free: bool = False
     aux_free_bias_update_rate: float = 0.001
+    aux_free_method: str = "sign"
+    quantile_scope: str = "global"
+    quantile_bins: int = 1000
+    quantile_ema: float = 0.0
     router_scoring_func: str = "softmax"
     router_dtype: str = "auto"
     moe_recompute: str = "none"
@@ -276,7 +300,40 @@ def validate_balance_fields(config) -> None:
             raise ValueError(f"{name}={value!r} is not allowed: a number >= 0 is required")
     if not isinstance(config.aux_free, bool):
         raise ValueError(f"aux_free={config.aux_free!r} is not allowed: True or False")
+    validate_quantile_fields(config)
     config.device_balance_groups = _normalise_groups(config.device_balance_groups, config.num_experts)
+
+
+def validate_quantile_fields(config) -> None:
+    """Check the aux-free method and Quantile Balancing's fields (`ValueError` naming the field)."""
+    method = getattr(config, "aux_free_method", "sign")
+    if method not in AUX_FREE_METHODS:
+        raise ValueError(f"aux_free_method={method!r} is unknown: allowed {list(AUX_FREE_METHODS)}")
+    if config.quantile_scope not in QUANTILE_SCOPES:
+        raise ValueError(f"quantile_scope={config.quantile_scope!r} is unknown: allowed {list(QUANTILE_SCOPES)}")
+    _check_int("quantile_bins", config.quantile_bins, minimum=10)
+    ema = config.quantile_ema
+    if isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 <= ema < 1:
+        raise ValueError(f"quantile_ema={ema!r} is not allowed: a number in [0, 1) is required (0 = replace)")
+    if method != "quantile":
+        return
+    if not config.aux_free:
+        raise ValueError(
+            "aux_free_method='quantile' moves the aux-free bias, and aux_free=False adds no bias to the selection: "
+            "set aux_free=True"
+        )
+    if config.num_experts_per_tok >= config.num_experts:
+        raise ValueError(
+            f"aux_free_method='quantile' with num_experts_per_tok={config.num_experts_per_tok} of "
+            f"num_experts={config.num_experts}: every token uses every expert, there is nothing to balance"
+        )
+    n_group, topk_group = getattr(config, "n_group", None) or 1, getattr(config, "topk_group", None) or 1
+    if n_group > 1 and topk_group < n_group:
+        raise ValueError(
+            f"aux_free_method='quantile' with group-limited routing (n_group={n_group}, topk_group={topk_group}) is "
+            "not supported: the quantile is the dual of top-k over all experts, and the group limit removes experts "
+            "per token before it (Megatron-Core refuses it too); allowed n_group=1 or topk_group=n_group"
+        )
 
 
 def expert_partition(groups: int | list | str | None, num_experts: int) -> list[list[int]] | None:
@@ -331,7 +388,10 @@ __all__ = [
     "LOSS_IMPLEMENTATIONS",
     "MOE_RECOMPUTE",
     "ROUTER_SCORING_FUNCS",
+    "AUX_FREE_METHODS",
+    "QUANTILE_SCOPES",
     "TOKEN_DROP_POLICIES",
     "expert_partition",
     "validate_balance_fields",
+    "validate_quantile_fields",
 ]

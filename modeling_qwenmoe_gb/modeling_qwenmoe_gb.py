@@ -8,6 +8,10 @@ Features
 - Router statistics per layer and per sequence, padding excluded: selection counts, probability sums
   (differentiable), token counts, z-loss sums, computed once per forward over the stacked routing of every sparse
   layer. Output O(L·B·E); no router logits kept for backward.
+- Quantile Balancing statistics (`aux_free_method="quantile"`), computed in the same pass while training: per layer
+  and expert an int64 histogram of the routing margins r = α − s (`margin_histogram`) and, for
+  `quantile_scope="micro_mean"`, the micro-batch's exact quantile (`micro_batch_quantile`); the trainer turns the
+  step's pooled statistics into the next bias (`modeling_qwenmoe_gb.quantile`).
 - Balance losses as pure functions: `switch_balance_loss`, `device_balance_loss`, `router_z_loss`, and
   `balance_loss` that combines them for a config at micro, sequence or global scope.
 - `QwenMoeGBForCausalLM.forward(labels=...)` returns CE + the micro-scope balance losses while training, so the model
@@ -103,12 +107,17 @@ class RouterStats(ModelOutput):
     num_tokens (`(L, B)` float32): non-padding tokens of each sequence.
     z_sums (`(L, B)` float32, differentiable when `router_z_loss_coef > 0`): Σ_t logsumexp(router logits_t)² over
         each sequence's tokens.
+    margin_histogram (`(L, E, bins)` int64, Quantile Balancing only): the real tokens' routing margins per expert,
+        binned over `margin_bin_range` of the bias the forward routed with.
+    margin_quantiles (`(L, E)` float32, `quantile_scope="micro_mean"` only): this micro-batch's exact quantile.
     """
 
     counts: torch.Tensor | None = None
     prob_sums: torch.Tensor | None = None
     num_tokens: torch.Tensor | None = None
     z_sums: torch.Tensor | None = None
+    margin_histogram: torch.Tensor | None = None
+    margin_quantiles: torch.Tensor | None = None
 
 
 def router_statistics(
@@ -158,6 +167,72 @@ def router_statistics(
     else:
         num_tokens = mask.sum(1).expand(*lead, batch)  # (..., B)
     return counts, prob_sums, num_tokens, z_sums
+
+
+def routing_margins(scores: torch.Tensor, bias: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Quantile Balancing's margins (T, E) of fp32 scores (T, E) routed with an additive bias (E,): r_tj = α_t − s_tj,
+    α_t the (k+1)-th largest biased score of token t. Token t selects expert j iff r_tj < b_j: the fraction of tokens
+    selecting j at a bias b'_j (α held) is the fraction of margins below it."""
+    alpha = (scores + bias).topk(top_k + 1, dim=-1).values[:, -1:]  # (T, 1)
+    return alpha - scores  # (T, E)
+
+
+def margin_bin_range(bias: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The histogram's lower edge and bin width (fp32 scalars, or (L,) for (L, E) biases): `bins` uniform bins over
+    [min b − 1, max b + 1], which holds every margin of scores in [0, 1]."""
+    low = bias.amin(-1) - 1
+    return low, (bias.amax(-1) + 1 - low) / bins
+
+
+def margin_histogram(
+    margins: torch.Tensor, bias: torch.Tensor, bins: int, token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(E, bins) int64 counts of the margins (T, E) of the real tokens (`token_mask` (T,), 1 for real) per expert,
+    over `margin_bin_range(bias, bins)`; a margin outside it (none for scores in [0, 1]) is counted in the end bin."""
+    tokens, num_experts = margins.shape
+    low, width = margin_bin_range(bias, bins)
+    index = ((margins - low) / width).floor().clamp_(0, bins - 1).long()  # (T, E)
+    index += torch.arange(num_experts, device=margins.device) * bins  # (T, E): expert j's bins start at j·bins
+    if token_mask is None:
+        weights = torch.ones((), dtype=torch.long, device=margins.device).expand(tokens, num_experts)
+    else:
+        weights = token_mask.to(torch.long)[:, None].expand(tokens, num_experts)  # (T, E)
+    flat = torch.zeros(num_experts * bins, dtype=torch.long, device=margins.device)
+    return flat.scatter_add_(0, index.view(-1), weights.reshape(-1)).view(num_experts, bins)  # (E, bins)
+
+
+def micro_batch_quantile(margins: torch.Tensor, top_k: int, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(E,) the exact quantile of one micro-batch's margins (T, E), Megatron-Core's `qb_dual_update` in this bias
+    space: per expert the (⌊T·k/E⌋ + 1)-th smallest margin of the T real tokens (`token_mask` (T,)). No host sync."""
+    tokens, num_experts = margins.shape
+    if token_mask is not None:
+        margins = margins.masked_fill(token_mask[:, None] == 0, float("inf"))  # padding sorts last
+    real = torch.full((), tokens, device=margins.device) if token_mask is None else token_mask.sum().long()
+    rank = (real * top_k // num_experts).clamp(max=tokens - 1)  # 0-based
+    ordered = margins.sort(dim=0).values  # (T, E)
+    return ordered.gather(0, rank.expand(1, num_experts)).squeeze(0)  # (E,)
+
+
+def quantile_statistics(
+    logits: torch.Tensor,
+    bias: torch.Tensor,
+    config: QwenMoeGBConfig,
+    token_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Quantile Balancing's statistics of one training forward, per MoE layer: `margin_histogram` (L, E, bins) and,
+    for `quantile_scope="micro_mean"`, `micro_batch_quantile` (L, E). logits (L, T, E), bias (L, E) fp32,
+    token_mask (B, S) or None. One layer at a time: the (T, E) margins never exist for all layers at once."""
+    mask = None if token_mask is None else token_mask.reshape(-1)  # (T,)
+    histograms, quantiles = [], []
+    with torch.no_grad():
+        for layer_logits, layer_bias in zip(logits, bias):
+            scores = layer_logits.float()
+            scores = scores.softmax(-1) if config.router_scoring_func == "softmax" else scores.sigmoid()  # (T, E)
+            margins = routing_margins(scores, layer_bias, config.num_experts_per_tok)  # (T, E)
+            histograms.append(margin_histogram(margins, layer_bias, config.quantile_bins, mask))
+            if config.quantile_scope == "micro_mean":
+                quantiles.append(micro_batch_quantile(margins, config.num_experts_per_tok, mask))
+    return torch.stack(histograms), torch.stack(quantiles) if quantiles else None
 
 
 def per_group_lbl(counts: torch.Tensor, prob_sums: torch.Tensor, num_tokens: torch.Tensor | float) -> torch.Tensor:
@@ -905,7 +980,12 @@ class QwenMoeGBModel(QwenMoeGBPreTrainedModel):
             z_grad = self.config.router_z_loss_coef > 0  # z-loss off: its statistic is a metric, out of the graph
             dropped = self.training and self.config.expert_capacity_factor is not None  # sentinels in `index`
             stats = router_statistics(logits, probs, index, token_mask, z_grad, batch, dropped)
-            router_stats = RouterStats(*stats)  # (L, B, ·)
+            qb = (None, None)
+            quantile = self.config.aux_free and self.config.aux_free_method == "quantile"
+            if quantile and self.training and torch.is_grad_enabled():  # only training forwards move the bias
+                bias = torch.stack([router.expert_bias for router in self.moe_routers()])  # (L, E)
+                qb = quantile_statistics(logits, bias, self.config, token_mask)  # (L, E, bins), (L, E) or None
+            router_stats = RouterStats(*stats, *qb)  # (L, B, ·)
             if output_routed_experts:
                 used = index.reshape(len(routings), batch, seq, -1).permute(1, 2, 0, 3)  # (L, T, K) -> (B, S, L, K)
         return QwenMoeGBModelOutputWithPast(
@@ -1070,6 +1150,11 @@ __all__ = [
     "check_routed_experts",
     "QwenMoeGBPreTrainedModel",
     "RouterStats",
+    "margin_bin_range",
+    "margin_histogram",
+    "micro_batch_quantile",
+    "quantile_statistics",
+    "routing_margins",
     "balance_loss",
     "device_balance_loss",
     "group_sequences",

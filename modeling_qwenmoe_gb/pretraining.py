@@ -101,6 +101,12 @@ class ModelArguments:
     router_z_loss_coef: float = field(default=0.0, metadata={"help": "router z-loss coefficient"})
     aux_free: bool = field(default=False, metadata={"help": "auxiliary-loss-free bias balancing"})
     aux_free_bias_update_rate: float = field(default=0.001, metadata={"help": "aux-free bias update rate u"})
+    aux_free_method: str = field(
+        default="sign", metadata={"help": "aux-free bias update: sign (±u) | quantile (Quantile Balancing, no rate)"}
+    )
+    quantile_scope: str = field(default="global", metadata={"help": "QB quantile: global (pooled) | micro_mean"})
+    quantile_bins: int = field(default=1000, metadata={"help": "QB histogram bins per expert (global scope)"})
+    quantile_ema: float = field(default=0.0, metadata={"help": "QB: new = ema·old + (1-ema)·quantile; 0 replaces"})
     router_scoring_func: str | None = field(
         default=None, metadata={"help": "softmax | sigmoid (QwenMoE-GB models; default softmax)"}
     )
@@ -176,6 +182,10 @@ class ModelArguments:
             "router_z_loss_coef": self.router_z_loss_coef,
             "aux_free": self.aux_free,
             "aux_free_bias_update_rate": self.aux_free_bias_update_rate,
+            "aux_free_method": self.aux_free_method,
+            "quantile_scope": self.quantile_scope,
+            "quantile_bins": self.quantile_bins,
+            "quantile_ema": self.quantile_ema,
         }
         for name in OWN_MODEL_FLAGS:
             if getattr(self, name) is not None:
