@@ -132,8 +132,10 @@ def _fmt(values: list[float], digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def _training_mean(history: list[dict], key: str) -> float:
+def _training_mean(history: list[dict], key: str, first: float = 1.0) -> float:
+    """Mean of a logged metric over training, or over the first `first` share of its logs."""
     values = [h[key] for h in history if key in h]
+    values = values[: max(1, round(len(values) * first))]
     return statistics.fmean(values) if values else float("nan")
 
 
@@ -141,7 +143,7 @@ RUN_FILES = ("eval.json", "specialization.json", "log_history.json")
 # balance metrics some arms log (capacity, EP, ...): a report column where any arm has them
 OPTIONAL_COLUMNS = {
     "dropped_fraction": "dropped", "sent_off_rank": "rows off-rank", "tokens_off_rank": "tokens off-rank",
-    "dead_experts": "dead experts",
+    "dead_experts": "dead experts", "maxvio_early": "MaxVio global, first 10%", "bias_spread": "bias range",
 }  # fmt: skip
 
 
@@ -181,7 +183,8 @@ def summarize(runs: dict[str, dict[int, dict]], bsz: dict[str, int | None]) -> d
             "maxvio_micro": [_training_mean(r["history"], "balance/maxvio_micro") for r in seeds.values()],
         }
         for key in ("maxvio_device", "maxvio_device_delivered", *OPTIONAL_COLUMNS):  # logged by some runs only
-            values = [_training_mean(r["history"], f"balance/{key}") for r in seeds.values()]
+            logged, first = (key, 1.0) if key != "maxvio_early" else ("maxvio_global", 0.1)
+            values = [_training_mean(r["history"], f"balance/{logged}", first) for r in seeds.values()]
             if not any(v != v for v in values):  # logged in every run (no NaN)
                 row[key] = values
         if "micro" in runs:
@@ -237,11 +240,14 @@ def report_markdown(summary: dict, command: str, seeds: list[int]) -> str:
         "delivered them). dropped: the share of the top-k selections dropped over capacity (training). rows "
         "off-rank: the share of the (token, expert) rows the all-to-all sent to another rank; tokens off-rank: of the "
         "tokens with at least one row sent to another rank. dead experts: experts "
-        "(summed over layers) that served no token in a step, mean over training logs.",
+        "(summed over layers) that served no token in a step, mean over training logs. MaxVio global, first 10%: over "
+        "the first tenth of the training logs (how fast an arm balances). bias range: max − min of the aux-free bias, "
+        "mean over layers and logs.",
         "",
         "![PPL against balance BSZ](ppl_vs_balance_bsz.png)",
         "![micro vs global heatmaps](heatmaps_micro_vs_global.png)",
         "![LBL and CE curves](curves.png)",
+        "![MaxVio per layer over training](maxvio_curves.png)",
     ]
     if device:
         lines.append("![load over devices, specialization and PPL](device_load.png)")
@@ -293,6 +299,8 @@ def plot_figures(summary: dict, runs: dict, out: Path) -> None:
         fig.savefig(out / "device_load.png", dpi=110, bbox_inches="tight")
         plt.close(fig)
 
+    plot_maxvio_curves(runs, out / "maxvio_curves.png")
+
     fig, (ax_lbl, ax_ce) = plt.subplots(1, 2, figsize=(10, 3.5))
     for arm, seeds in runs.items():
         history = [h for h in next(iter(seeds.values()))["history"] if "ce_loss" in h]
@@ -307,6 +315,34 @@ def plot_figures(summary: dict, runs: dict, out: Path) -> None:
     ax_ce.set_ylabel("CE")
     ax_ce.legend(fontsize=7)
     fig.savefig(out / "curves.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_maxvio_curves(runs: dict, path: Path) -> None:
+    """MaxVio of the whole step over training, one panel per MoE layer, one line per arm (mean over seeds)."""
+    import matplotlib.pyplot as plt
+
+    def curve(history: list[dict], key: str) -> tuple[list[int], list[float]]:
+        points = [(h["step"], h[key]) for h in history if key in h]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    first = next(iter(next(iter(runs.values())).values()))["history"]
+    layers = sorted({int(k.rsplit("_", 1)[1]) for h in first for k in h if k.startswith("balance/maxvio_global/")})
+    keys = [f"balance/maxvio_global/layer_{i}" for i in layers] or ["balance/maxvio_global"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for arm, seeds in runs.items():
+            curves = [curve(r["history"], key) for r in seeds.values()]
+            length = min(len(c[0]) for c in curves)
+            if length:
+                mean = [statistics.fmean(c[1][i] for c in curves) for i in range(length)]
+                ax.plot(curves[0][0][:length], mean, label=arm)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(key.removeprefix("balance/").replace("/", " "), fontsize=9)
+    axes[0][0].set_ylabel("MaxVio (whole step)")
+    axes[0][-1].legend(fontsize=7)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -7,9 +7,10 @@ r_:,j — at b' (α held) exactly k/E of the tokens select expert j. b' is mean-
 replaces b, or is blended with it (`quantile_ema`).
 
 Features
-- Pure functions: `histogram_quantile` (the quantile of pooled int64 histograms, interpolated inside the bin: within
-  one bin width of the exact pooled quantile), `counts_below` (the tokens whose margin lies below a bias: the load the
-  new bias gives the step's tokens with α held), `next_bias` (blend, then centre).
+- Pure functions: `histogram_quantile` (the quantile of pooled int64 histograms, interpolated inside the bin, the
+  middle of the biases that give exactly k/E of the tokens: within one bin width of the exact pooled quantile),
+  `counts_below` (the tokens whose margin lies below a bias: the load the new bias gives the step's tokens with α
+  held), `next_bias` (blend, then centre).
 - `QuantileState`, the balancer's per-step accumulator: `observe(stats)` adds a training micro-step's statistics
   (`RouterStats.margin_histogram`, `margin_quantiles`, computed by the model's forward or `any_moe`'s hooks, padding
   excluded); `update(biases, group)` once per optimizer step: ONE all-reduce (SUM) over the data-parallel group of
@@ -35,17 +36,26 @@ from .modeling_qwenmoe_gb import RouterStats, margin_bin_range
 
 def histogram_quantile(histogram: torch.Tensor, low: torch.Tensor, width: torch.Tensor, top_k: int) -> torch.Tensor:
     """(L, E) float64 quantiles of per-expert margin histograms (L, E, N) over bins starting at `low` (L,) of
-    `width` (L,): the value below which ⌊n·k/E⌋ of the n counted margins lie, interpolated linearly inside the bin
-    holding the (⌊n·k/E⌋+1)-th smallest margin — so within one bin width of it."""
+    `width` (L,): a bias below which n = ⌊M·k/E⌋ of the M counted margins lie, with the counts spread evenly inside
+    each bin. Where a range of biases does that (empty bins between the n-th and the (n+1)-th margin), its middle: a
+    bias at either end ties a token's expert with its (k+1)-th, and the iteration can stall there (Megatron's
+    (n+1)-th order statistic is such an end). Within one bin width of the exact quantile interval
+    [n-th, (n+1)-th smallest margin]."""
     num_experts, bins = histogram.shape[-2:]
     total = histogram.sum(-1)  # (L, E): the tokens counted, the same for every expert
     target = total * top_k // num_experts  # (L, E)
     cumulative = histogram.cumsum(-1)  # (L, E, N)
-    bin_index = (cumulative <= target[..., None]).sum(-1).clamp(max=bins - 1)  # (L, E): first bin past the target
-    in_bin = histogram.gather(-1, bin_index[..., None]).squeeze(-1)  # (L, E)
-    before = cumulative.gather(-1, bin_index[..., None]).squeeze(-1) - in_bin  # (L, E)
+    first_over = (cumulative <= target[..., None]).sum(-1).clamp(max=bins - 1)  # (L, E): holds the (n+1)-th margin
+    in_bin = histogram.gather(-1, first_over[..., None]).squeeze(-1)  # (L, E)
+    before = cumulative.gather(-1, first_over[..., None]).squeeze(-1) - in_bin  # (L, E)
     fraction = ((target - before).double() / in_bin.clamp_min(1).double()).clamp(0, 1)  # (L, E)
-    return low.double()[:, None] + (bin_index.double() + fraction) * width.double()[:, None]
+    low, width = low.double()[:, None], width.double()[:, None]  # (L, 1)
+    upper = low + (first_over.double() + fraction) * width  # (L, E): the highest such bias
+    reached = (cumulative < target[..., None]).sum(-1).clamp(max=bins - 1)  # (L, E): the bin where n are counted
+    exactly = cumulative.gather(-1, reached[..., None]).squeeze(-1) == target  # n counted at its right edge
+    lower = torch.where(exactly, low + (reached.double() + 1) * width, upper)  # (L, E): the lowest
+    lower = torch.where(target == 0, low.expand_as(lower), lower)
+    return (lower + upper) / 2
 
 
 def counts_below(histogram: torch.Tensor, low: torch.Tensor, width: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -196,6 +196,42 @@ def grpo_replay(out: Path, rank: int) -> None:
     torch.save({"seen": seen, "counts": counts.counts, "biases": biases, "logs": logs}, out / f"grpo_rank{rank}.pt")
 
 
+def qb_start(out: Path) -> None:
+    """The saved start of the Quantile Balancing test, per scope: `tiny_config` with QB, a nonzero bias."""
+    for scope in ("global", "micro_mean"):
+        torch.manual_seed(0)
+        config = tiny_config(aux_free=True, aux_free_method="quantile", quantile_scope=scope, initializer_range=0.2)
+        model = QwenMoeGBForCausalLM(config)
+        for router in model.model.moe_routers():
+            router.expert_bias.copy_(torch.linspace(-0.05, 0.05, 8))
+        model.save_pretrained(out / f"qb_start_{scope}")
+
+
+def qb_batches(step: int, micro: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2, 10) ids and attention mask of a QB micro-step; rank 1's second sequence ends in 4 pad tokens."""
+    ids = torch.randint(1, 99, (2, 10), generator=torch.Generator().manual_seed(100 * step + 10 * micro + rank))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    if rank == 1:
+        mask[1, 6:] = 0
+        ids[1, 6:] = 0
+    return ids, mask
+
+
+def quantile_balancing(out: Path, rank: int) -> None:
+    """2 ranks × 2 accumulation micro-steps × 2 optimizer steps of QB (no weight update): the biases after each."""
+    for scope in ("global", "micro_mean"):
+        model = QwenMoeGBForCausalLM.from_pretrained(out / f"qb_start_{scope}").train()
+        balancer = GlobalBalancer(model)
+        seen = []
+        for step in range(2):
+            for micro in range(2):
+                ids, mask = qb_batches(step, micro, rank)
+                balancer(model(input_ids=ids, attention_mask=mask).router_stats)
+            balancer.step()
+            seen.append(router_biases(model))
+        torch.save(seen, out / f"qb_{scope}_rank{rank}.pt")
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     rank = int(os.environ["RANK"])
@@ -203,6 +239,10 @@ def main() -> None:
     dist.init_process_group("gloo")
     if sys.argv[2:] == ["raise"]:
         raising_rank(rank)
+        return
+    if sys.argv[2:] == ["quantile"]:
+        quantile_balancing(out, rank)
+        dist.destroy_process_group()
         return
     if sys.argv[2:] == ["grpo"]:
         grpo_replay(out, rank)
