@@ -26,13 +26,14 @@ from modeling_qwenmoe_gb.trainer import QwenMoeGBTrainer  # noqa: E402
 from tests.dist_common import MICRO, batch_for, full, resume_dataset, router_biases  # noqa: E402
 
 WORLD = 2
-# case -> (balance scope, accumulation steps, aux-free)
+# case -> (balance scope, accumulation steps, aux-free, aux-free method)
 STEP_CASES = {
-    f"{scope}_accum{accumulation}{'_auxfree' if aux_free else ''}": (scope, accumulation, aux_free)
+    f"{scope}_accum{accumulation}{'_auxfree' if aux_free else ''}": (scope, accumulation, aux_free, "sign")
     for scope in ("micro", "global")
     for accumulation in (1, 2)
     for aux_free in (False, True)
 }
+STEP_CASES["global_accum2_qb"] = ("global", 2, True, "quantile")  # Quantile Balancing
 COUNT_SHAPE = (2, 8)  # (L, E) of the test model: the balancer's all-reduced counts
 
 
@@ -138,9 +139,11 @@ def arguments(out: Path, engine: str, name: str, **overrides):
 
 def engine_step(out: Path, rank: int, engine: str, name: str, log: AllReduceLog) -> None:
     """One SGD(lr=1) step with the engine: with no clipping or decay the update is the gradient."""
-    scope, accumulation, aux_free = STEP_CASES[name]
+    scope, accumulation, aux_free, method = STEP_CASES[name]
     args = arguments(out, engine, name, gradient_accumulation_steps=accumulation)  # before the model: ZeRO-3 init
-    model = QwenMoeGBForCausalLM.from_pretrained(out / "ckpt", balance_scope=scope, aux_free=aux_free)
+    model = QwenMoeGBForCausalLM.from_pretrained(
+        out / "ckpt", balance_scope=scope, aux_free=aux_free, aux_free_method=method
+    )
     dataset, batches = step_dataset(accumulation)
     trainer = RecordingTrainer(model=model, args=args, train_dataset=dataset, train_batch_sampler=batches)
     before = log.count_reductions

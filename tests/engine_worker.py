@@ -23,6 +23,7 @@ from tests.dist_common import batch_for, full, resume_dataset, router_biases  # 
 COUNTED = {"ep_implementation": COUNTED_ALL_TO_ALL}
 RECOMPUTE = {mode: {"moe_recompute": mode} for mode in ("experts", "moe", "expert_act")}
 DEVICE_LIMITED = {"n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.0}
+QB = {"aux_free_method": "quantile"}  # Quantile Balancing (the saved start has aux_free=True)
 # name -> (DistributedConfig arguments, balance scope, accumulation steps, do the two ranks hold distinct data,
 #          device_balance_groups[, further config fields])
 STEPS = {
@@ -45,7 +46,12 @@ STEPS = {
     ),
     # device-limited routing: the 2 expert groups are the 2 EP ranks' experts, each token uses one of them
     "fsdp2_ep2_device_limited": ({"fsdp_size": 2, "ep_size": 2, **COUNTED}, "global", 2, True, "ep", DEVICE_LIMITED),
-}
+    # Quantile Balancing: the margin histograms (or micro-batch quantiles) pooled over the data-parallel ranks
+    "fsdp2_ep2_qb_global": ({"fsdp_size": 2, "ep_size": 2}, "global", 2, True, None, QB),
+    "fsdp2_ep2_qb_micro_mean": ({"fsdp_size": 2, "ep_size": 2}, "global", 2, True, None,
+                                {**QB, "quantile_scope": "micro_mean"}),
+    "tp2_qb_global": ({"tp_size": 2}, "global", 1, False, None, QB),  # a TP group shares its batch: counted once
+}  # fmt: skip
 # run with 4 processes (`... engine_worker.py OUT four`): HSDP (2 replicas × FSDP2) with EP over each replica's 2 ranks
 FOUR_PROCESS_STEPS = {
     "hsdp2x2_ep2_device_ep": (

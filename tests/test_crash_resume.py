@@ -86,6 +86,21 @@ def test_the_same_command_after_a_sigkill_resumes_and_equals_the_uninterrupted_r
     assert_same_run(uninterrupted, out)
 
 
+def test_quantile_balancing_killed_and_rerun_equals_the_uninterrupted_run(tmp_path):
+    """QB with an EMA (the new bias depends on the saved one): bit-identical weights, biases, state and losses."""
+    qb = ["--aux_free_method", "quantile", "--quantile_ema", "0.5", "--router_aux_loss_coef", "0"]
+    whole, run = tmp_path / "whole", tmp_path / "run"
+    done = launch(whole, *qb)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((whole / "config.json").read_text())["aux_free_method"] == "quantile"
+    killed = launch(run, *qb, crash=("step", 5))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    again = launch(run, *qb)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming from {run / 'checkpoint-4'}" in again.stderr
+    assert_same_run(whole, run)
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("layout", [[], ["--fsdp_size", "2", "--ep_size", "2"]], ids=["ddp", "fsdp2_ep2"])
 def test_two_processes_killed_and_rerun_equal_the_uninterrupted_run(tmp_path, layout):
