@@ -61,7 +61,8 @@ EXPORT_TARGETS = ("auto", *STOCK)
 # engines), so that `from_qwen_moe` gives back the model as it was trained.
 TRAINING_FIELDS = (
     "balance_scope", "balance_group_size", "micro_balance_coef", "device_balance_groups", "device_balance_coef",
-    "router_z_loss_coef", "aux_free", "aux_free_bias_update_rate", "router_aux_loss_coef", "loss_implementation",
+    "router_z_loss_coef", "aux_free", "aux_free_bias_update_rate", "aux_free_method", "quantile_scope",
+    "quantile_bins", "quantile_ema", "router_aux_loss_coef", "loss_implementation",
     "loss_chunk_size", "router_dtype", "moe_recompute", "expert_capacity_factor", "moe_token_drop_policy",
 )  # fmt: skip
 # llama.cpp hard-codes top-k renormalisation per architecture (its qwen3moe / qwen2moe graphs).

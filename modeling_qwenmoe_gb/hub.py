@@ -33,6 +33,10 @@ BALANCE_FIELDS = (
     "router_z_loss_coef",
     "aux_free",
     "aux_free_bias_update_rate",
+    "aux_free_method",
+    "quantile_scope",
+    "quantile_bins",
+    "quantile_ema",
     "router_scoring_func",
 )
 ARCHITECTURE_FIELDS = (

@@ -85,6 +85,23 @@ def test_the_converged_dual_iteration_is_the_optimal_balanced_assignment(tokens,
         assert (chosen.sum(0) == tokens * top_k // experts).all()
 
 
+def test_megatrons_end_of_range_quantile_stalls_on_the_same_problems():
+    """Why `histogram_quantile` takes the middle of the range: Megatron's (n+1)-th order statistic, iterated the same
+    way in float64, puts the bias exactly where a token's expert ties its (k+1)-th, and none of the 20 problems above
+    reaches the LP optimum (all 20 do with our quantile)."""
+    reached = 0
+    for tokens, experts, top_k in [(16, 4, 1), (24, 6, 2), (32, 8, 2), (12, 4, 2)]:
+        for seed in range(5):
+            scores = torch.rand(tokens, experts, generator=torch.Generator().manual_seed(seed)).double()
+            beta = torch.zeros(experts, dtype=torch.float64)
+            for _ in range(60):
+                beta = megatron_update_router_qb_beta(beta, [[megatron_qb_dual_update(scores, beta, top_k)]], 0.0)
+            chosen = torch.zeros(tokens, experts, dtype=torch.bool)
+            chosen.scatter_(1, (scores - beta).topk(top_k, dim=-1).indices, True)
+            reached += int((chosen.numpy() == balanced_assignment(scores.numpy(), top_k)).all())
+    assert reached == 0
+
+
 # ----------------------------------------------------------------------------------------- (b) the pooled quantile
 
 
