@@ -8,8 +8,12 @@ SERVING_DIR ?= $(or $(TMPDIR),/tmp)/qwenmoe-gb-serving
 # and this package come from PY's environment
 LMEVAL_VENV ?= $(or $(TMPDIR),/tmp)/qwenmoe-gb-lmeval-venv
 LMEVAL := lm_eval==0.4.13
+# Megatron-Core with Quantile Balancing: its wheels are cp312-only, so the tests read its pure-torch QB functions out of
+# the wheel (downloaded, not installed) and run them in PY's environment
+MCORE_QB := megatron-core==0.19.2
+MCORE_QB_DIR ?= $(or $(TMPDIR),/tmp)/qwenmoe-gb-megatron-qb
 
-.PHONY: install install-newest lint format test test-floor test-engines check ci demo serving-venvs test-serving lmeval-venv test-lmeval
+.PHONY: install install-newest lint format test test-floor test-engines check ci demo serving-venvs test-serving lmeval-venv test-lmeval megatron-qb-wheel test-megatron-qb
 
 install:  ## the tested versions (constraints.txt)
 	$(PY) -m pip install torch==2.13.0
@@ -59,9 +63,17 @@ lmeval-venv:  ## lm_eval in its own venv at $(LMEVAL_VENV)
 test-lmeval: lmeval-venv  ## lm-eval's command line and `evaluate --lm_eval_tasks` on our folders (tests/test_lm_eval.py)
 	QWENMOE_GB_LMEVAL_PYTHON=$(LMEVAL_VENV)/bin/python $(PY) -m pytest -m lm_eval -q -rA tests/test_lm_eval.py
 
+megatron-qb-wheel:  ## megatron-core's cp312 wheel (for its QB source) under $(MCORE_QB_DIR)
+	ls $(MCORE_QB_DIR)/megatron_core-*.whl >/dev/null 2>&1 || $(PY) -m pip download -q --no-deps \
+		--python-version 3.12 --only-binary=:all: -d $(MCORE_QB_DIR) "$(MCORE_QB)"
+
+test-megatron-qb: megatron-qb-wheel  ## micro_mean QB against Megatron-Core's qb_dual_update + _update_router_qb_beta
+	QWENMOE_GB_MEGATRON_QB_WHEEL=$$(ls $(MCORE_QB_DIR)/megatron_core-*.whl | head -1) \
+	$(PY) -m pytest -m megatron_qb -q -rA tests/test_quantile.py
+
 check: lint test
 
-ci: install-newest check test-serving test-lmeval test-floor
+ci: install-newest check test-serving test-lmeval test-megatron-qb test-floor
 
 demo:
 	qwenmoe-gb pretrain

@@ -232,6 +232,39 @@ def quantile_balancing(out: Path, rank: int) -> None:
         torch.save(seen, out / f"qb_{scope}_rank{rank}.pt")
 
 
+def megatron_qb(out: Path, rank: int) -> None:
+    """Megatron-Core's QB code (from its wheel) and our micro_mean on the same random scores: 2 micro-batches per rank,
+    3 steps, EMA 0.25, a nonzero start; each step's (our bias, Megatron's β)."""
+    from types import SimpleNamespace
+
+    from modeling_qwenmoe_gb.quantile import QuantileState
+    from tests.test_quantile import load_megatron_qb, settings, stats_of
+
+    megatron = load_megatron_qb(os.environ["QWENMOE_GB_MEGATRON_QB_WHEEL"])
+    experts, top_k, ema = 8, 2, 0.25
+    router = torch.nn.Module()  # what `_update_router_qb_beta` reads of Megatron's TopKRouter
+    start = torch.linspace(-0.1, 0.1, experts)
+    router.register_buffer("qb_beta", -start.clone())
+    router.register_buffer("qb_beta_accum", torch.zeros(experts))
+    router.register_buffer("qb_beta_count", torch.zeros((), dtype=torch.long))
+    bias, state = start.clone(), QuantileState(settings(experts, top_k, scope="micro_mean", ema=ema))
+    seen = []
+    for step in range(3):
+        for micro in range(2):
+            gen = torch.Generator().manual_seed(100 * step + 10 * micro + rank)
+            scores = torch.sigmoid(torch.randn(32, experts, generator=gen) + torch.linspace(-1, 1, experts))
+            _, beta_local = megatron["qb_dual_update"](scores, top_k, router.qb_beta, update_beta=True)
+            router.qb_beta_accum.add_(beta_local)  # TopKRouter.quantile_balancing, in training
+            router.qb_beta_count.add_(1)
+            state.observe(stats_of(scores, bias, top_k, 1000))
+        megatron["_update_router_qb_beta"]([router], SimpleNamespace(moe_router_quantile_balancing_ema=ema))
+        router.qb_beta_accum.zero_()  # what Megatron's finalize step does after the update
+        router.qb_beta_count.zero_()
+        state.update([bias])
+        seen.append((bias.clone(), router.qb_beta.clone()))
+    torch.save(seen, out / f"megatron_qb_rank{rank}.pt")
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     rank = int(os.environ["RANK"])
@@ -239,6 +272,10 @@ def main() -> None:
     dist.init_process_group("gloo")
     if sys.argv[2:] == ["raise"]:
         raising_rank(rank)
+        return
+    if sys.argv[2:] == ["megatron_qb"]:
+        megatron_qb(out, rank)
+        dist.destroy_process_group()
         return
     if sys.argv[2:] == ["quantile"]:
         quantile_balancing(out, rank)

@@ -1,8 +1,9 @@
 """Quantile Balancing (`aux_free_method="quantile"`) against independent references: the optimal balanced assignment
 solved as a linear program (scipy, float64), the exact pooled quantile (a float64 sort of every margin of the step),
-Megatron-Core's `qb_dual_update` + `_update_router_qb_beta` re-derived in float64 from its published code (the
-megatron-core wheels that have it need Python >= 3.12; 0.16.1, the newest for 3.11, predates QB), 2 gloo ranks × 2
-micro-steps against one process; stock DeepSeek-V3 through `any_moe`; what only training forwards count; bad input."""
+Megatron-Core's `qb_dual_update` + `_update_router_qb_beta` re-derived in float64 and, with `make test-megatron-qb`,
+its own code read out of its 0.19.2 wheel (cp312-only, so not installed on Python 3.11; 0.16.1, the newest for 3.11,
+predates QB) and run on 2 gloo ranks; 2 gloo ranks × 2 micro-steps against one process; stock DeepSeek-V3 through
+`any_moe`; what only training forwards count; bad input."""
 
 import logging
 import os
@@ -200,6 +201,50 @@ def test_micro_mean_equals_megatrons_qb_dual_update(ema):
     locals_per_rank = [[megatron_qb_dual_update(s.double(), beta, top_k) for s in batches[r::2]] for r in range(2)]
     expected = -megatron_update_router_qb_beta(beta, locals_per_rank, ema)
     torch.testing.assert_close(bias.double(), expected, rtol=0, atol=1e-6)
+
+
+def load_megatron_qb(wheel: str) -> dict:
+    """Megatron-Core's `qb_dual_update` (moe_utils.py) and `_update_router_qb_beta` (finalize_model_grads.py), their
+    source read out of its wheel (cp312-only: not installable on Python 3.11) and executed with torch; the one helper
+    the second uses, `get_attr_wrapped_model`, is given as what it is for an unwrapped module."""
+    import ast
+    import typing
+    import zipfile
+
+    namespace = {"torch": torch, "get_attr_wrapped_model": lambda model, attr: getattr(model, attr)}
+    namespace.update({name: getattr(typing, name) for name in ("Tuple", "List", "Optional")})
+    namespace["TransformerConfig"] = SimpleNamespace
+    with zipfile.ZipFile(wheel) as archive:
+        functions = (("megatron/core/transformer/moe/moe_utils.py", "qb_dual_update"),
+                     ("megatron/core/distributed/finalize_model_grads.py", "_update_router_qb_beta"))  # fmt: skip
+        for path, name in functions:
+            source = archive.read(path).decode()
+            node = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == name)
+            exec(compile(ast.Module([node], []), f"{wheel}!{path}", "exec"), namespace)
+    return namespace
+
+
+@pytest.mark.megatron_qb
+def test_micro_mean_equals_megatron_cores_own_code_on_two_ranks(tmp_path):
+    """Megatron-Core 0.19.2's own `qb_dual_update` (each micro-batch, accumulated as its `TopKRouter` does) and
+    `_update_router_qb_beta` (all_reduce AVG over 2 gloo ranks, EMA, centring) against our micro_mean on the same
+    scores and ranks: b = −β after each of 3 steps, both ranks."""
+    wheel = os.environ.get("QWENMOE_GB_MEGATRON_QB_WHEEL")
+    if not wheel:
+        pytest.fail("QWENMOE_GB_MEGATRON_QB_WHEEL is not set: run `make test-megatron-qb` (it downloads the wheel)")
+    from .test_distributed import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(ROOT / "tests" / "distributed_worker.py"), str(tmp_path), "megatron_qb"]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    for rank in range(2):
+        seen = torch.load(tmp_path / f"megatron_qb_rank{rank}.pt")
+        assert len(seen) == 3
+        for ours, megatron in seen:
+            torch.testing.assert_close(ours.double(), -megatron.double(), rtol=0, atol=1e-6)
+            assert megatron.abs().amax() > 1e-3
 
 
 # ----------------------------------------------------------------------------------------- the model
