@@ -120,3 +120,25 @@ def test_a_stock_architecture_from_scratch(tmp_path):
     load_preset("tiny").save_pretrained(tmp_path / "ours")
     with pytest.raises(ValueError, match="a QwenMoE-GB model from scratch is a --preset"):
         pretrain([*flags, "--output_dir", str(tmp_path / "c"), "--model_config", str(tmp_path / "ours")])
+
+
+def test_quantile_balancing_on_a_stock_deepseek_v3_from_its_config(tmp_path):
+    """`pretrain --model_config deepseek-v3-byte.json` without group limits and `--aux_free_method quantile`: the saved
+    folder is a stock DeepSeek-V3 whose own bias QB set (centred), with QB's metrics logged and named in the card; with
+    the config's group limits QB is refused, naming them, before anything is written."""
+    config = str(ROOT / "configuration" / "stock" / "deepseek-v3-byte.json")
+    qb = ["--aux_free", "true", "--aux_free_method", "quantile", "--router_aux_loss_coef", "0"]
+    flags = [*STOCK, "--model_config", config, "--max_steps", "3", "--save_strategy", "no", *qb]
+    out = tmp_path / "run"
+    pretrain([*flags, "--config_overrides", '{"num_hidden_layers": 2, "n_group": 1, "topk_group": 1}',
+              "--output_dir", str(out)])  # fmt: skip
+    trained = AutoModelForCausalLM.from_pretrained(out)
+    assert type(trained).__name__ == "DeepseekV3ForCausalLM"
+    (layer,) = find_moe_layers(trained)
+    assert layer.bias.abs().sum() > 0 and abs(float(layer.bias.sum())) < 1e-5
+    logged = [h for h in json.loads((out / "log_history.json").read_text())["log_history"] if "loss" in h][-1]
+    assert {"balance/qb_maxvio_after", "balance/qb_bin_width", "balance/bias_spread"} <= set(logged)
+    assert "`aux_free_method` | quantile" in (out / "README.md").read_text()
+    with pytest.raises(ValueError, match=r"group-limited routing \(n_group=4, topk_group=2\)"):
+        pretrain([*flags, "--config_overrides", '{"num_hidden_layers": 2}', "--output_dir", str(tmp_path / "g")])
+    assert not (tmp_path / "g").exists()

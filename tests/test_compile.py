@@ -55,3 +55,18 @@ def test_compiled_balance_loss_equals_eager_without_a_mask_too():
         balancer.step()
     for eager, compiled in zip(*grads):
         torch.testing.assert_close(compiled, eager)
+
+
+def test_quantile_balancing_statistics_compile_in_the_graph():
+    """QB's margin histograms and micro-batch quantiles (padding masked) are part of the one graph and equal eager."""
+    cfg = tiny_config(aux_free=True, aux_free_method="quantile", quantile_scope="micro_mean", router_aux_loss_coef=0.0)
+    eager = QwenMoeGBForCausalLM(cfg).train()
+    compiled = torch.compile(copy.deepcopy(eager), fullgraph=True)
+    ids = torch.randint(1, 99, (2, 16))
+    mask = torch.ones_like(ids)
+    mask[0, 11:] = 0
+    stats = eager(input_ids=ids, attention_mask=mask).router_stats
+    stats_c = compiled(input_ids=ids, attention_mask=mask).router_stats
+    assert int(stats.margin_histogram.sum()) == 2 * 8 * 27  # L × E × real tokens
+    torch.testing.assert_close(stats_c.margin_histogram, stats.margin_histogram, rtol=0, atol=0)
+    torch.testing.assert_close(stats_c.margin_quantiles, stats.margin_quantiles)
