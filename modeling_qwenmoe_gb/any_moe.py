@@ -321,11 +321,11 @@ class StockMoE:
             options["router_aux_loss_coef"] = own * top_k if isinstance(own, (int, float)) and own > 0 else 0.001
         self.config = BalanceConfig(num_experts, top_k, **options)
         if self.config.aux_free and any(layer.bias is None for layer in self.layers):
-            method = f"aux_free_method={self.config.aux_free_method!r}"
             raise ValueError(
-                f"aux_free=True ({method}) is not allowed for {self.model_class}: its routers hold no {BIAS_NAME} (the "
-                "aux-free selection bias of DeepSeek-V3-style routers) to update; allowed for models that have one "
-                "(DeepSeek-V3, GLM-4.5, dots1, ERNIE-4.5-MoE, ...) and for QwenMoE-GB models"
+                f"aux_free=True is not allowed for {self.model_class}: its routers hold no {BIAS_NAME} (the aux-free "
+                f"selection bias of DeepSeek-V3-style routers) for aux_free_method={self.config.aux_free_method!r} to "
+                "update; allowed for models that have one (DeepSeek-V3, GLM-4.5, dots1, ERNIE-4.5-MoE, ...) and for "
+                "QwenMoE-GB models"
             )
         self.quantile = self.config.aux_free and self.config.aux_free_method == "quantile"
         n_group, topk_group = getattr(config, "n_group", None) or 1, getattr(config, "topk_group", None) or 1

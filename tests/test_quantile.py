@@ -368,8 +368,8 @@ def test_stock_deepseek_v3_moves_its_own_bias_to_the_pooled_quantile():
 
 
 def test_stock_models_without_a_bias_or_with_group_limits_are_refused():
-    with pytest.raises(ValueError, match=r"aux_free=True \(aux_free_method='quantile'\) is not allowed for "
-                                         r"OlmoeForCausalLM: its routers hold no e_score_correction_bias"):  # fmt: skip
+    with pytest.raises(ValueError, match=r"aux_free=True is not allowed for OlmoeForCausalLM: its routers hold no "
+                                         r"e_score_correction_bias .*aux_free_method='quantile'"):  # fmt: skip
         GlobalBalancer(tiny_model("olmoe"), **QB)
     with pytest.raises(ValueError, match=r"not allowed for DeepseekV3ForCausalLM with group-limited routing "
                                          r"\(n_group=2, topk_group=1\)"):  # fmt: skip
