@@ -39,7 +39,8 @@ from .presets import load_preset
 
 COMPILE_MODES = ("none", "layers", "model")
 ARM_BASES = ("micro", "global", "transformers-qwen2", "transformers-qwen3")
-ARM_MODIFIERS = ("auxfree", "gc", *(m for m in MOE_RECOMPUTE if m != "none"))  # e.g. global+experts, global+gc
+# e.g. global+experts, global+gc; qb / qbmicro: Quantile Balancing (global histogram / micro_mean), aux-free on
+ARM_MODIFIERS = ("auxfree", "qb", "qbmicro", "gc", *(m for m in MOE_RECOMPUTE if m != "none"))
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
@@ -118,7 +119,10 @@ def build(
     if base.startswith("transformers-"):
         model = reference_model(base.split("-")[1], config)
     else:
-        overrides = {"balance_scope": base, "aux_free": "auxfree" in modifiers}
+        quantile = next((m for m in modifiers if m in ("qb", "qbmicro")), None)
+        overrides = {"balance_scope": base, "aux_free": "auxfree" in modifiers or quantile is not None}
+        if quantile is not None:
+            overrides.update(aux_free_method="quantile", quantile_scope="global" if quantile == "qb" else "micro_mean")
         overrides["moe_recompute"] = next((m for m in modifiers if m in MOE_RECOMPUTE), "none")
         model = QwenMoeGBForCausalLM(QwenMoeGBConfig(**{**config.to_dict(), **overrides}))
     if state is not None:
@@ -631,8 +635,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument(
         "--models",
         default="micro,global,global+auxfree,transformers-qwen2",
-        help="arms: micro / global (+auxfree, +expert_act / +experts / +moe: moe_recompute, +gc: whole-layer "
-        "gradient checkpointing), transformers-qwen3 / transformers-qwen2 (+gc)",
+        help="arms: micro / global (+auxfree, +qb / +qbmicro: Quantile Balancing, +expert_act / +experts / +moe: "
+        "moe_recompute, +gc: whole-layer gradient checkpointing), transformers-qwen3 / transformers-qwen2 (+gc)",
     )
     parser.add_argument(
         "--budget_from", default=None, help="an arm whose peak memory is the budget: report each arm's largest batch"
