@@ -48,7 +48,8 @@ setup(
         "lm-eval": ["lm_eval>=0.4.13"],
         "deepspeed": ["deepspeed>=0.17"],
         # deepspeed: the ZeRO-2/3 tests run it on 2 CPU processes (its CPU accelerator, gloo); megatron-core and
-        # datatrove: the data tests write and read their token files with their own code
+        # datatrove: the data tests write and read their token files with their own code; scipy: the LP reference
+        # of the Quantile Balancing tests
         "dev": [
             "pytest>=8",
             "ruff>=0.6",
@@ -58,6 +59,7 @@ setup(
             "deepspeed>=0.17",
             "megatron-core>=0.16.1",
             "datatrove>=0.10",
+            "scipy>=1.11",
         ],
     },
     entry_points={"console_scripts": ["qwenmoe-gb=modeling_qwenmoe_gb.cli:main"]},
