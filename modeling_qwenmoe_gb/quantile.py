@@ -10,7 +10,7 @@ Features
 - Pure functions: `histogram_quantile` (the quantile of pooled int64 histograms, interpolated inside the bin, the
   middle of the biases that give exactly k/E of the tokens: within one bin width of the exact pooled quantile),
   `counts_below` (the tokens whose margin lies below a bias: the load the new bias gives the step's tokens with α
-  held), `next_bias` (blend, then centre).
+  held), `blend` and `next_bias` (blend, then centre).
 - `QuantileState`, the balancer's per-step accumulator: `observe(stats)` adds a training micro-step's statistics
   (`RouterStats.margin_histogram`, `margin_quantiles`, computed by the model's forward or `any_moe`'s hooks, padding
   excluded); `update(biases, group)` once per optimizer step: ONE all-reduce (SUM) over the data-parallel group of
@@ -70,9 +70,14 @@ def counts_below(histogram: torch.Tensor, low: torch.Tensor, width: torch.Tensor
     return before + (position - bin_index.double()) * in_bin
 
 
+def blend(old: torch.Tensor, quantiles: torch.Tensor, ema: float) -> torch.Tensor:
+    """(L, E) float64 `ema · old + (1 − ema) · quantiles`: the new bias before its centring."""
+    return ema * old.double() + (1 - ema) * quantiles.double()
+
+
 def next_bias(old: torch.Tensor, quantiles: torch.Tensor, ema: float) -> torch.Tensor:
-    """(L, E) fp32: `ema · old + (1 − ema) · quantiles`, mean-centred per layer (Megatron-Core's order)."""
-    blended = ema * old.double() + (1 - ema) * quantiles.double()
+    """(L, E) fp32: `blend`, then mean-centred per layer (Megatron-Core's order)."""
+    blended = blend(old, quantiles, ema)
     return (blended - blended.mean(-1, keepdim=True)).float()
 
 
@@ -119,11 +124,10 @@ class QuantileState:
             quantiles = histogram_quantile(histogram, low, width, top_k)  # (L, E)
         else:
             quantiles = quantile_sum / torch.as_tensor(micro_batches).double().clamp_min(1)  # (L, E)
-        blended = self.config.quantile_ema * old.double() + (1 - self.config.quantile_ema) * quantiles
-        new = next_bias(old, quantiles, self.config.quantile_ema)
-        for bias, value in zip(biases, new):
+        for bias, value in zip(biases, next_bias(old, quantiles, self.config.quantile_ema)):
             bias.copy_(value.to(bias))
-        load = counts_below(histogram, low, width, blended)  # (L, E): α held, before the (routing-neutral) centring
+        uncentred = blend(old, quantiles, self.config.quantile_ema)  # the centring does not change the routing
+        load = counts_below(histogram, low, width, uncentred)  # (L, E): the step's tokens at the new bias, α held
         mean = load.mean(-1).clamp_min(1e-12)
         self.histogram, self.quantile_sum, self.micro_batches = None, None, 0
         return {"qb_maxvio_after": (load.amax(-1) - mean) / mean, "qb_bin_width": width.double()}
@@ -147,4 +151,4 @@ class QuantileState:
         return summed, flat[size:-1].view(histogram.shape[:2]), flat[-1]
 
 
-__all__ = ["QuantileState", "counts_below", "histogram_quantile", "next_bias"]
+__all__ = ["QuantileState", "blend", "counts_below", "histogram_quantile", "next_bias"]
