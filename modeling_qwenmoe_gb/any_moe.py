@@ -40,15 +40,13 @@ from transformers import PreTrainedModel
 from transformers.integrations import use_experts_implementation
 from transformers.utils.logging import get_logger
 
-from .configuration_qwenmoe_gb import ROUTER_SCORING_FUNCS, expert_partition, validate_balance_fields
-from .modeling_qwenmoe_gb import (
-    RouterStats,
-    margin_histogram,
-    micro_batch_quantile,
-    router_statistics,
-    routing_margins,
-    token_mask_from,
+from .configuration_qwenmoe_gb import (
+    ROUTER_SCORING_FUNCS,
+    expert_partition,
+    uses_quantile_balancing,
+    validate_balance_fields,
 )
+from .modeling_qwenmoe_gb import RouterStats, layer_quantile_statistics, router_statistics, token_mask_from
 
 logger = get_logger(__name__)
 
@@ -327,7 +325,7 @@ class StockMoE:
                 "update; allowed for models that have one (DeepSeek-V3, GLM-4.5, dots1, ERNIE-4.5-MoE, ...) and for "
                 "QwenMoE-GB models"
             )
-        self.quantile = self.config.aux_free and self.config.aux_free_method == "quantile"
+        self.quantile = uses_quantile_balancing(self.config)
         n_group, topk_group = getattr(config, "n_group", None) or 1, getattr(config, "topk_group", None) or 1
         if self.quantile and n_group > 1 and topk_group < n_group:
             raise ValueError(
@@ -559,15 +557,10 @@ class StockMoE:
         stats = router_statistics(logits, probs, index, forward.mask, z_grad, forward.batch)
         if not (self.quantile and forward.training):
             return stats
-        with torch.no_grad():  # Quantile Balancing: this layer's margins at the bias it routed with
-            bias = self.layers[layer].bias.detach().float().view(-1)  # (E,)
-            mask = None if forward.mask is None else forward.mask.reshape(-1)  # (T,)
-            margins = routing_margins(scores.detach().reshape(tokens, -1), bias, self.config.num_experts_per_tok)
-            histogram = margin_histogram(margins, bias, self.config.quantile_bins, mask)  # (E, bins)
-            quantiles = None
-            if self.config.quantile_scope == "micro_mean":
-                quantiles = micro_batch_quantile(margins, self.config.num_experts_per_tok, mask)  # (E,)
-        return (*stats, histogram, quantiles)
+        bias = self.layers[layer].bias.detach().float().view(-1)  # (E,): the bias this layer routed with
+        mask = None if forward.mask is None else forward.mask.reshape(-1)  # (T,)
+        qb = layer_quantile_statistics(scores.reshape(tokens, -1), bias, self.config, mask)  # (E, bins), (E,) | None
+        return (*stats, *qb)
 
 
 def _stack(forward: _Forward) -> RouterStats:

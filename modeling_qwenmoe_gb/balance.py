@@ -46,6 +46,7 @@ from torch import nn
 from transformers.utils.logging import get_logger
 
 from .any_moe import BALANCE_OPTIONS, StockMoE
+from .configuration_qwenmoe_gb import uses_quantile_balancing
 from .expert_parallel import delivered_counts, reset_delivered_counts, sent_off_rank
 from .modeling_qwenmoe_gb import (
     RouterStats,
@@ -268,7 +269,7 @@ class GlobalBalancer:
 
     @property
     def quantile_balancing(self) -> bool:
-        return self.config.aux_free and self.config.aux_free_method == "quantile"
+        return uses_quantile_balancing(self.config)
 
     def _balance_loss(
         self, stats: RouterStats, global_counts: torch.Tensor | None

@@ -304,6 +304,12 @@ def validate_balance_fields(config) -> None:
     config.device_balance_groups = _normalise_groups(config.device_balance_groups, config.num_experts)
 
 
+def uses_quantile_balancing(config) -> bool:
+    """The aux-free bias of `config` (this config, or the balancer's settings for another MoE) is set by Quantile
+    Balancing."""
+    return bool(config.aux_free) and getattr(config, "aux_free_method", "sign") == "quantile"
+
+
 def validate_quantile_fields(config) -> None:
     """Check the aux-free method and Quantile Balancing's fields (`ValueError` naming the field)."""
     method = getattr(config, "aux_free_method", "sign")
@@ -394,4 +400,5 @@ __all__ = [
     "expert_partition",
     "validate_balance_fields",
     "validate_quantile_fields",
+    "uses_quantile_balancing",
 ]

@@ -68,7 +68,7 @@ from transformers.utils.import_utils import is_liger_kernel_available
 from transformers.utils.logging import get_logger
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .configuration_qwenmoe_gb import QwenMoeGBConfig
+from .configuration_qwenmoe_gb import QwenMoeGBConfig, uses_quantile_balancing
 
 # transformers 5.24 renamed the KV-cache argument and output field `past_key_values` -> `cache` (the old name warns and
 # goes away in 5.40); earlier versions know only `past_key_values`. Every call into transformers uses the installed
@@ -224,15 +224,28 @@ def quantile_statistics(
     token_mask (B, S) or None. One layer at a time: the (T, E) margins never exist for all layers at once."""
     mask = None if token_mask is None else token_mask.reshape(-1)  # (T,)
     histograms, quantiles = [], []
-    with torch.no_grad():
+    with torch.no_grad():  # a statistic, not part of the loss
         for layer_logits, layer_bias in zip(logits, bias):
             scores = layer_logits.float()
             scores = scores.softmax(-1) if config.router_scoring_func == "softmax" else scores.sigmoid()  # (T, E)
-            margins = routing_margins(scores, layer_bias, config.num_experts_per_tok)  # (T, E)
-            histograms.append(margin_histogram(margins, layer_bias, config.quantile_bins, mask))
-            if config.quantile_scope == "micro_mean":
-                quantiles.append(micro_batch_quantile(margins, config.num_experts_per_tok, mask))
-    return torch.stack(histograms), torch.stack(quantiles) if quantiles else None
+            histogram, quantile = layer_quantile_statistics(scores, layer_bias, config, mask)
+            histograms.append(histogram)
+            quantiles.append(quantile)
+    return torch.stack(histograms), None if quantiles[0] is None else torch.stack(quantiles)
+
+
+def layer_quantile_statistics(
+    scores: torch.Tensor, bias: torch.Tensor, config, token_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One layer's Quantile Balancing statistics from the fp32 scores (T, E) it routed with and its bias (E,): the
+    (E, bins) `margin_histogram` and, for `quantile_scope="micro_mean"`, the (E,) `micro_batch_quantile` (else None).
+    `config`: `num_experts_per_tok`, `quantile_bins`, `quantile_scope`; `token_mask` (T,) or None."""
+    with torch.no_grad():
+        margins = routing_margins(scores.detach(), bias, config.num_experts_per_tok)  # (T, E)
+        histogram = margin_histogram(margins, bias, config.quantile_bins, token_mask)  # (E, bins)
+        if config.quantile_scope != "micro_mean":
+            return histogram, None
+        return histogram, micro_batch_quantile(margins, config.num_experts_per_tok, token_mask)  # (E,)
 
 
 def per_group_lbl(counts: torch.Tensor, prob_sums: torch.Tensor, num_tokens: torch.Tensor | float) -> torch.Tensor:
@@ -981,8 +994,7 @@ class QwenMoeGBModel(QwenMoeGBPreTrainedModel):
             dropped = self.training and self.config.expert_capacity_factor is not None  # sentinels in `index`
             stats = router_statistics(logits, probs, index, token_mask, z_grad, batch, dropped)
             qb = (None, None)
-            quantile = self.config.aux_free and self.config.aux_free_method == "quantile"
-            if quantile and self.training and torch.is_grad_enabled():  # only training forwards move the bias
+            if uses_quantile_balancing(self.config) and self.training and torch.is_grad_enabled():  # training only
                 bias = torch.stack([router.expert_bias for router in self.moe_routers()])  # (L, E)
                 qb = quantile_statistics(logits, bias, self.config, token_mask)  # (L, E, bins), (L, E) or None
             router_stats = RouterStats(*stats, *qb)  # (L, B, ·)
@@ -1151,6 +1163,7 @@ __all__ = [
     "QwenMoeGBPreTrainedModel",
     "RouterStats",
     "margin_bin_range",
+    "layer_quantile_statistics",
     "margin_histogram",
     "micro_batch_quantile",
     "quantile_statistics",

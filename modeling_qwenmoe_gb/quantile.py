@@ -137,8 +137,7 @@ class QuantileState:
         histogram = self.histogram
         if not (dist.is_initialized() and dist.get_world_size(group) > 1):
             return histogram, self.quantile_sum, self.micro_batches
-        if self.config.quantile_scope == "global":
-            histogram = histogram.clone()
+        if self.config.quantile_scope == "global":  # in place: the accumulator is reset after the update
             dist.all_reduce(histogram, group=group)
             return histogram, None, 0
         # micro_mean: one float64 tensor (it holds int64 counts below 2^53 exactly)
