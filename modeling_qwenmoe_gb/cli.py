@@ -8,6 +8,7 @@
     qwenmoe-gb bench    [benchmark flags]                                      # = scripts/benchmark.py
     qwenmoe-gb bench-data [--parts prepare,memory,loader,resume]               # the data path (BENCHMARKS.md)
     qwenmoe-gb export   --model DIR --out DIR [--to auto|qwen3_moe|qwen2_moe|glm4_moe|qwenmoe_gb]   # stock MoE
+    qwenmoe-gb prune    --model DIR --data D --keep_fraction 0.5 --output_dir OUT  # drop experts (REAP, frequency)
     qwenmoe-gb push     --model DIR --repo_id USER/NAME                        # upload either form to the Hub
 
 `pretrain` with no flags trains the `demo` preset with global-batch balance on the embedded synthetic corpus (4
@@ -168,6 +169,12 @@ def prepare_data_cmd(argv: list[str]) -> Path:
     return prepare_cmd(argv)
 
 
+def prune_cmd(argv: list[str]) -> dict:
+    from .prune import prune
+
+    return prune(argv)
+
+
 def bench_data_cmd(argv: list[str]) -> dict:
     from .data_benchmark import main as bench_data
 
@@ -183,6 +190,7 @@ COMMANDS = {
     "bench": bench_cmd,
     "bench-data": bench_data_cmd,
     "export": export_cmd,
+    "prune": prune_cmd,
     "push": push_cmd,
 }
 
