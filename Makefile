@@ -12,8 +12,12 @@ LMEVAL := lm_eval==0.4.13
 # the wheel (downloaded, not installed) and run them in PY's environment
 MCORE_QB := megatron-core==0.19.2
 MCORE_QB_DIR ?= $(or $(TMPDIR),/tmp)/qwenmoe-gb-megatron-qb
+# llm-compressor (REAP pruning reference) in its own venv: it pins transformers <= 5.17
+LLMC_VENV ?= $(or $(TMPDIR),/tmp)/qwenmoe-gb-llmcompressor-venv
+LLMC := llmcompressor==0.14.0.1
 
-.PHONY: install install-newest lint format test test-floor test-engines check ci demo serving-venvs test-serving lmeval-venv test-lmeval megatron-qb-wheel test-megatron-qb
+.PHONY: install install-newest lint format test test-floor test-engines check ci demo serving-venvs test-serving lmeval-venv test-lmeval megatron-qb-wheel test-megatron-qb llmcompressor-venv \
+	test-llmcompressor
 
 install:  ## the tested versions (constraints.txt)
 	$(PY) -m pip install torch==2.13.0
@@ -73,7 +77,15 @@ test-megatron-qb: megatron-qb-wheel  ## micro_mean QB against Megatron-Core's qb
 
 check: lint test
 
-ci: install-newest check test-serving test-lmeval test-megatron-qb test-floor
+llmcompressor-venv:  ## llm-compressor with its own transformers and torch 2.13 CPU in $(LLMC_VENV)
+	test -x $(LLMC_VENV)/bin/python && $(LLMC_VENV)/bin/python -c "import llmcompressor" 2>/dev/null || \
+		($(PY) -m venv $(LLMC_VENV) && $(LLMC_VENV)/bin/python -m pip install -q torch==2.13.0 && \
+		 $(LLMC_VENV)/bin/python -m pip install -q "$(LLMC)")
+
+test-llmcompressor: llmcompressor-venv  ## REAP scores and kept experts against llm-compressor's REAPPruningModifier
+	QWENMOE_GB_LLMC_PYTHON=$(LLMC_VENV)/bin/python $(PY) -m pytest -m llmcompressor -q -rA tests/test_prune_llmcompressor.py
+
+ci: install-newest check test-serving test-lmeval test-megatron-qb test-llmcompressor test-floor
 
 demo:
 	qwenmoe-gb pretrain
