@@ -20,7 +20,6 @@ from llmcompressor.modifiers.pruning.reap import base
 from llmcompressor.modifiers.pruning.reap.utils import REAPSaliencyTracker
 from transformers import AutoModelForCausalLM
 
-
 PIPELINE = "basic"  # see the module docstring
 
 
