@@ -9,6 +9,7 @@
     qwenmoe-gb bench-data [--parts prepare,memory,loader,resume]               # the data path (BENCHMARKS.md)
     qwenmoe-gb export   --model DIR --out DIR [--to auto|qwen3_moe|qwen2_moe|glm4_moe|qwenmoe_gb]   # stock MoE
     qwenmoe-gb prune    --model DIR --data D --keep_fraction 0.5 --output_dir OUT  # drop experts (REAP, frequency)
+    qwenmoe-gb prune-study --runs runs/qb-study --arms micro,global            # pruned PPL per arm (RESULTS.md)
     qwenmoe-gb push     --model DIR --repo_id USER/NAME                        # upload either form to the Hub
 
 `pretrain` with no flags trains the `demo` preset with global-batch balance on the embedded synthetic corpus (4
@@ -175,6 +176,12 @@ def prune_cmd(argv: list[str]) -> dict:
     return prune(argv)
 
 
+def prune_study_cmd(argv: list[str]) -> dict:
+    from .prune_study import prune_study
+
+    return prune_study(argv)
+
+
 def bench_data_cmd(argv: list[str]) -> dict:
     from .data_benchmark import main as bench_data
 
@@ -191,6 +198,7 @@ COMMANDS = {
     "bench-data": bench_data_cmd,
     "export": export_cmd,
     "prune": prune_cmd,
+    "prune-study": prune_study_cmd,
     "push": push_cmd,
 }
 

@@ -169,6 +169,25 @@ def test_vllm_serves_a_glm4_moe_export_of_a_group_limited_aux_free_model_nativel
     assert greedy(back) == greedy(model)
 
 
+def test_vllm_serves_a_pruned_model_exported_natively(tmp_path):
+    """`qwenmoe-gb prune`'s model (4 of 8 experts kept by REAP on calibration tokens) exported as Qwen3-MoE: vLLM's
+    own Qwen3MoeForCausalLM serves it token-exact, and pruning changed the tokens."""
+    from modeling_qwenmoe_gb.prune import calibrate, choose_experts, pruned_model, scores_of
+
+    torch.manual_seed(3)
+    model = QwenMoeGBForCausalLM(shape(use_qk_norm=True, shared_expert_intermediate_size=0, qkv_bias=False,
+                                       norm_topk_prob=True)).eval()  # fmt: skip
+    calibration = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(4))
+    kept = choose_experts(scores_of(calibrate(model, {"text": calibration})["text"], "reap"), 4)
+    pruned = pruned_model(model, kept)
+    assert greedy(pruned)[0] != greedy(model)[0]
+    export_qwen_moe(pruned, tmp_path / "stock", tokenizer=ByteTokenizer().to_hf())
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "stock").num_experts == 4
+    result = vllm(tmp_path / "stock", tmp_path, "export-pruned-qwen3-moe")
+    assert result["architecture"] == "Qwen3MoeForCausalLM"
+    compare("export-pruned-qwen3-moe", result, greedy(pruned), "vllm")
+
+
 def test_fine_tune_round_trip_qwen3_moe_to_vllm(tmp_path):
     """A Qwen3-MoE checkpoint → `qwenmoe-gb pretrain --model_name_or_path` (global-batch balance, 2 accumulation
     steps) → `scripts/sft_example.py --lora --export` (LoRA SFT, merged, exported) → vLLM's native Qwen3-MoE. Tokens
