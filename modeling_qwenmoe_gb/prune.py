@@ -210,7 +210,7 @@ def check_keep(model: nn.Module, keep: int) -> None:
             f"keep_experts={keep} is fewer than num_experts_per_tok={top_k}: every token selects {top_k} experts; "
             f"allowed {top_k}..{num_experts}"
         )
-    n_group = _groups(config)
+    n_group = routing_groups(config)
     if n_group > 1:
         topk_group = getattr(config, "topk_group", None) or n_group
         if keep % n_group:
@@ -233,7 +233,7 @@ def check_keep(model: nn.Module, keep: int) -> None:
         raise ValueError(f"keep_experts={keep} is not a multiple of device_balance_groups={groups}")
 
 
-def _groups(config) -> int:
+def routing_groups(config) -> int:
     n_group = getattr(config, "n_group", None) or 1
     return n_group if n_group > 1 else 1
 
@@ -345,7 +345,7 @@ def prune(argv: list[str]) -> dict:
     out = Path(args.output_dir)
     if out.resolve() == Path(path_args.model).resolve() or (out.exists() and any(out.iterdir())):
         raise ValueError(f"output_dir={args.output_dir!r} exists and is not empty (or is the model): give a new folder")
-    _recorded_data(path_args.model, data_args, argv)
+    use_recorded_data(path_args.model, data_args, argv)
     model = load_trained(path_args.model)
     sites = prune_sites(model)  # refuses a model whose MoE layers cannot be read, naming it
     keep = keep_count(sites[0].num_experts, args.keep_experts, args.keep_fraction)
@@ -358,7 +358,7 @@ def prune(argv: list[str]) -> dict:
     stats = calibrate(model, seqs, data_args.eval_batch_size)
     pooled = pool(stats, domains)
     scores = scores_of(pooled, args.score)
-    kept = choose_experts(scores, keep, _groups(model.config))
+    kept = choose_experts(scores, keep, routing_groups(model.config))
     new = pruned_model(model, kept)
     out.mkdir(parents=True, exist_ok=True)
     new.save_pretrained(out)
@@ -387,7 +387,7 @@ def prune(argv: list[str]) -> dict:
     return report
 
 
-def _recorded_data(model: str, data_args, argv: list[str]) -> None:
+def use_recorded_data(model: str, data_args, argv: list[str]) -> None:
     """Without `--data`, the data, tokenizer and seq_len the model was trained on (its `data_info.json`)."""
     info = Path(model) / "data_info.json"
     if "--data" in argv or not info.is_file():

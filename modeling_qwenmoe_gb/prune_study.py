@@ -21,8 +21,18 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser
 
-from .prune import calibrate, calibration_sequences, choose_experts, keep_count, pool, prune_sites, pruned_model
-from .prune import _groups, _recorded_data, scores_of
+from .prune import (
+    calibrate,
+    calibration_sequences,
+    choose_experts,
+    keep_count,
+    pool,
+    prune_sites,
+    pruned_model,
+    routing_groups,
+    scores_of,
+    use_recorded_data,
+)
 
 MODES = ("domain", "mixed")  # (a) per-domain calibration, evaluated on the domain; (b) mixed, evaluated on all
 
@@ -55,7 +65,7 @@ def study_run(run: Path, args: PruneStudyArguments) -> dict:
     from .pretraining import DataArguments, load_trained
 
     data_args = DataArguments()
-    _recorded_data(str(run), data_args, [])
+    use_recorded_data(str(run), data_args, [])
     opened = data_args.open(progress=False)
     train, test = opened.domains("train", data_args.seq_len), opened.domains("test", data_args.seq_len)
     domains = [d for d, n in zip(test.domains, test.sizes) if n > 0]
@@ -69,7 +79,7 @@ def study_run(run: Path, args: PruneStudyArguments) -> dict:
         for score in args.scores.split(","):
             for calibration in [*domains, "mixed"]:
                 pooled = pool(stats, domains if calibration == "mixed" else [calibration])
-                kept = choose_experts(scores_of(pooled, score), keep, _groups(model.config))
+                kept = choose_experts(scores_of(pooled, score), keep, routing_groups(model.config))
                 pruned = pruned_model(model, kept)
                 for domain in domains if calibration == "mixed" else [calibration]:
                     ppl = _domain_ppl(pruned, test, domain, args)
@@ -84,10 +94,11 @@ def summarize(results: dict[str, dict[int, dict]]) -> dict:
     for arm, seeds in results.items():
         entry = {"base": [statistics.fmean(r["base"].values()) for r in seeds.values()], "cells": {}}
         keys = sorted({(row["mode"], row["fraction"], row["score"]) for r in seeds.values() for row in r["rows"]})
-        for mode, fraction, score in keys:
+        for key in keys:
+            mode, fraction, score = key
             per_seed = []
             for r in seeds.values():
-                hits = [row for row in r["rows"] if (row["mode"], row["fraction"], row["score"]) == (mode, fraction, score)]
+                hits = [row for row in r["rows"] if (row["mode"], row["fraction"], row["score"]) == key]
                 per_seed.append(statistics.fmean(row["ppl"] / r["base"][row["domain"]] - 1 for row in hits))
             entry["cells"][f"{mode}|{fraction}|{score}"] = per_seed
         summary[arm] = entry
