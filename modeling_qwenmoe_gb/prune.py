@@ -15,7 +15,8 @@ Features
 - `pruned_model(model, kept)`: a new model of the same class with the experts' fused tensors, the router rows (and
   router bias), the aux-free bias entries and every other per-expert tensor of the block cut to the kept experts, and
   the expert count set in the config: a stock transformers model stays stock (it loads with its own class, no code).
-  Every tensor of the new model is checked against the shape its class expects (strict load).
+  Every tensor of the new model is checked against the shape its class expects (strict load); the one dimension
+  that changes must be the experts' (the first for fused experts and routers, the last for ERNIE's (1, E) bias).
 - `prune(argv)`: the command: calibrate on the chosen domains (train split, prepared or raw data as `pretrain --data`
   takes it), prune, save, write `pruning.json` (scores, kept experts per layer) and `pruning_scores.png`, evaluate the
   pruned and the unpruned model on the held-out split and write a model card (base model, method, calibration, kept
@@ -271,12 +272,13 @@ def pruned_model(model: nn.Module, kept: list[list[int]]) -> nn.Module:
             continue
         site = max((i for i, s in enumerate(sites) if key.startswith(s.block + ".")), default=None,
                    key=lambda i: len(sites[i].block))  # fmt: skip
-        if site is None or tensor.shape[0] != sites[site].num_experts or tuple(want) != (count, *tensor.shape[1:]):
+        dims = [d for d in range(tensor.ndim) if tensor.shape[d] != want[d]] if tensor.ndim == len(want) else []
+        if site is None or len(dims) != 1 or (tensor.shape[dims[0]], want[dims[0]]) != (sites[site].num_experts, count):
             raise ValueError(
                 f"{type(model).__name__}: {key} {tuple(tensor.shape)} becomes {tuple(want)} in the pruned model, "
                 "which is not a cut of its experts dimension"
             )
-        state[key] = tensor[torch.tensor(kept[site])].contiguous()
+        state[key] = tensor.index_select(dims[0], torch.tensor(kept[site])).contiguous()  # the experts' dimension
     new.load_state_dict(state, strict=True)
     new.generation_config = model.generation_config
     return new.eval()

@@ -24,11 +24,14 @@ from modeling_qwenmoe_gb.prune import (
     pool,
     prune_sites,
     pruned_model,
+    routing_groups,
     scores_of,
 )
 
 from .conftest import tiny_config
 from .stock_models import NAMED, available, tiny_model
+from .test_any_moe import FAMILIES as ANY_MOE
+from .test_any_moe import family_params
 
 FAMILIES = ("qwenmoe_gb", *NAMED)
 
@@ -255,3 +258,19 @@ def test_prune_command_refuses_a_model_it_cannot_read(corpus, tmp_path):
     with pytest.raises(ValueError, match="Qwen2ForCausalLM: its MoE layers cannot be read for pruning"):
         main(["prune", "--model", str(source), "--data", str(corpus), "--keep_experts", "2", "--output_dir", str(out)])
     assert not out.exists()
+
+
+@pytest.mark.parametrize("family", family_params(ANY_MOE))
+def test_every_family_the_balancer_reads_prunes_to_a_folder_of_its_own_class(family, tmp_path):
+    model = tiny_model(family).eval()
+    ids = torch.randint(1, 96, (2, 8), generator=torch.Generator().manual_seed(0))
+    num_experts = prune_sites(model)[0].num_experts
+    groups = routing_groups(model.config)
+    keep = max(num_experts // 2, model.config.num_experts_per_tok)
+    keep += -keep % groups
+    kept = choose_experts(scores_of(calibrate(model, {"a": ids})["a"], "reap"), keep, groups)
+    pruned_model(model, kept).save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(loaded) is type(model)
+    assert [s.num_experts for s in prune_sites(loaded)] == [keep] * len(kept)
+    assert loaded(input_ids=ids, use_cache=False).logits.isfinite().all()
