@@ -274,3 +274,17 @@ def test_every_family_the_balancer_reads_prunes_to_a_folder_of_its_own_class(fam
     assert type(loaded) is type(model)
     assert [s.num_experts for s in prune_sites(loaded)] == [keep] * len(kept)
     assert loaded(input_ids=ids, use_cache=False).logits.isfinite().all()
+
+
+def test_prune_study_summary_is_the_mean_ppl_increase_over_domains_per_seed():
+    from modeling_qwenmoe_gb.prune_study import summarize
+
+    def run(base_a, base_b, after_a, after_b):
+        rows = [{"mode": "domain", "fraction": 0.5, "score": "reap", "domain": "a", "ppl": after_a},
+                {"mode": "domain", "fraction": 0.5, "score": "reap", "domain": "b", "ppl": after_b}]  # fmt: skip
+        return {"base": {"a": base_a, "b": base_b}, "rows": rows}
+
+    summary = summarize({"global": {0: run(2.0, 4.0, 3.0, 4.4), 1: run(2.0, 2.0, 2.2, 2.6)}})
+    cell = summary["global"]["cells"]["domain|0.5|reap"]
+    assert cell == pytest.approx([(0.5 + 0.1) / 2, (0.1 + 0.3) / 2])
+    assert summary["global"]["base"] == pytest.approx([3.0, 2.0])
