@@ -31,7 +31,7 @@ from .compare import compare
 from .convert import EXPORT_TARGETS, export_qwen_moe
 from .hub import complete_auto_map, push_folder
 from .modeling_qwenmoe_gb import QwenMoeGBForCausalLM
-from .pretraining import DataArguments, ModelArguments, evaluate_and_analyze, load_trained, pretrain
+from .pretraining import DataArguments, ModelArguments, evaluate_and_analyze, load_trained, pretrain, use_recorded_data
 
 
 @dataclass
@@ -82,14 +82,7 @@ class ExportArguments:
 def _load_for_eval(argv: list[str], extra: tuple = ()):
     parser = HfArgumentParser((ModelPathArguments, DataArguments, *extra))
     path_args, data_args, *rest = parser.parse_args_into_dataclasses(args=argv)
-    info = Path(path_args.model) / "data_info.json"
-    if info.is_file() and "--data" not in argv:  # same data, tokenizer and seq_len as the training run by default
-        recorded = json.loads(info.read_text())
-        folder = recorded.get("token_folder")
-        data_args.data = folder if folder and Path(folder).is_dir() else recorded["data"]
-        data_args.tokenizer = data_args.tokenizer or recorded["tokenizer"]
-        if "--seq_len" not in argv and "seq_len" in recorded:
-            data_args.seq_len = recorded["seq_len"]
+    use_recorded_data(path_args.model, data_args, argv)  # same data, tokenizer and seq_len as the training run
     model = load_trained(path_args.model)  # QwenMoE-GB, or the transformers MoE it was trained as
     test = data_args.open().domains("test", data_args.seq_len)
     return model, test, Path(path_args.out or path_args.model), data_args, *rest

@@ -433,6 +433,19 @@ def trainer_options(model_args: ModelArguments) -> dict:
     return {} if trains_as_qwenmoe_gb(model_args) else model_args.stock_options()[0]
 
 
+def use_recorded_data(model: str | Path, data_args: DataArguments, argv: list[str]) -> None:
+    """Without `--data`, the data, tokenizer and seq_len the model was trained on (its `data_info.json`)."""
+    info = Path(model) / "data_info.json"
+    if "--data" in argv or not info.is_file():
+        return
+    recorded = json.loads(info.read_text())
+    folder = recorded.get("token_folder")
+    data_args.data = folder if folder and Path(folder).is_dir() else recorded["data"]
+    data_args.tokenizer = data_args.tokenizer or recorded["tokenizer"]
+    if "--seq_len" not in argv and "seq_len" in recorded:
+        data_args.seq_len = recorded["seq_len"]
+
+
 def load_trained(folder: str | Path, **kwargs):
     """A trained folder as its own class: QwenMoE-GB, or the transformers MoE it was trained as."""
     if AutoConfig.from_pretrained(folder).model_type == "qwenmoe_gb":

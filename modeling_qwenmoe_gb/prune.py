@@ -34,7 +34,6 @@ Shape legend: T tokens, K top-k, E experts, L MoE layers, H hidden size.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -338,7 +337,7 @@ def prune(argv: list[str]) -> dict:
     """`qwenmoe-gb prune --model DIR --data D (--keep_experts N | --keep_fraction F) [--score S] --output_dir OUT`."""
     from . import analysis
     from .cli import ModelPathArguments
-    from .pretraining import DataArguments, load_trained
+    from .pretraining import DataArguments, load_trained, use_recorded_data
 
     parser = HfArgumentParser((ModelPathArguments, DataArguments, PruneArguments))
     path_args, data_args, args = parser.parse_args_into_dataclasses(args=argv)
@@ -387,19 +386,6 @@ def prune(argv: list[str]) -> dict:
     print(f"pruned {path_args.model} to {keep}/{sites[0].num_experts} experts per layer ({args.score}, calibrated on "
           f"{', '.join(domains)}) → {out}")  # fmt: skip
     return report
-
-
-def use_recorded_data(model: str, data_args, argv: list[str]) -> None:
-    """Without `--data`, the data, tokenizer and seq_len the model was trained on (its `data_info.json`)."""
-    info = Path(model) / "data_info.json"
-    if "--data" in argv or not info.is_file():
-        return
-    recorded = json.loads(info.read_text())
-    folder = recorded.get("token_folder")
-    data_args.data = folder if folder and Path(folder).is_dir() else recorded["data"]
-    data_args.tokenizer = data_args.tokenizer or recorded["tokenizer"]
-    if "--seq_len" not in argv and "seq_len" in recorded:
-        data_args.seq_len = recorded["seq_len"]
 
 
 def _copy_tokenizer(source: str, out: Path) -> None:

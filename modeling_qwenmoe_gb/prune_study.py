@@ -31,7 +31,6 @@ from .prune import (
     pruned_model,
     routing_groups,
     scores_of,
-    use_recorded_data,
 )
 
 MODES = ("domain", "mixed")  # (a) per-domain calibration, evaluated on the domain; (b) mixed, evaluated on all
@@ -62,7 +61,7 @@ def _domain_ppl(model, test, domain: str, args: PruneStudyArguments) -> float:
 def study_run(run: Path, args: PruneStudyArguments) -> dict:
     """One trained run: its unpruned held-out PPL per domain and, per fraction, score, mode and domain, the pruned
     model's."""
-    from .pretraining import DataArguments, load_trained
+    from .pretraining import DataArguments, load_trained, use_recorded_data
 
     data_args = DataArguments()
     use_recorded_data(str(run), data_args, [])
