@@ -34,7 +34,6 @@ Shape legend: T tokens, K top-k, E experts, L MoE layers, H hidden size.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -337,6 +336,7 @@ def prune(argv: list[str]) -> dict:
     """`qwenmoe-gb prune --model DIR --data D (--keep_experts N | --keep_fraction F) [--score S] --output_dir OUT`."""
     from . import analysis
     from .cli import ModelPathArguments
+    from .hub import hub_model_id
     from .pretraining import DataArguments, load_trained, use_recorded_data
 
     parser = HfArgumentParser((ModelPathArguments, DataArguments, PruneArguments))
@@ -344,7 +344,7 @@ def prune(argv: list[str]) -> dict:
     if not args.output_dir:
         raise ValueError("output_dir='' is not allowed: give --output_dir DIR (a new folder)")
     out = Path(args.output_dir)
-    if out.resolve() == Path(path_args.model).resolve() or (out.exists() and any(out.iterdir())):
+    if out.resolve() == Path(path_args.model).resolve() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
         raise ValueError(f"output_dir={args.output_dir!r} exists and is not empty (or is the model): give a new folder")
     use_recorded_data(path_args.model, data_args, argv)
     model = load_trained(path_args.model)
@@ -364,8 +364,6 @@ def prune(argv: list[str]) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     new.save_pretrained(out)
     _copy_tokenizer(path_args.model, out)
-    from .hub import hub_model_id
-
     report = {
         "base_model": args.base_model or hub_model_id(path_args.model) or str(path_args.model),
         "score": args.score, "domains": domains,
@@ -451,11 +449,6 @@ def write_pruned_card(folder: Path, model: nn.Module, report: dict, data: str | 
     )  # fmt: skip
     card.save(folder / "README.md")
     return card
-
-
-def retained_ppl(before: float, after: float) -> float:
-    """The share of quality kept: PPL before / PPL after (1 = nothing lost)."""
-    return before / after if after > 0 and math.isfinite(after) else 0.0
 
 
 __all__ = [
