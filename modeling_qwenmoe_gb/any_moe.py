@@ -312,7 +312,7 @@ class StockMoE:
         outermost = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), model)  # under DDP / PEFT
         self.model_class = type(outermost).__name__
         config = self.base.config
-        num_experts, top_k = _experts_and_top_k(self.layers[0], config)
+        num_experts, top_k = experts_and_top_k(self.layers[0], config)
         options = {k: v for k, v in balance_options.items() if v is not None}
         if "router_aux_loss_coef" not in options:
             own = getattr(config, "router_aux_loss_coef", None)
@@ -569,7 +569,7 @@ def _stack(forward: _Forward) -> RouterStats:
     return RouterStats(*(None if x[0] is None else torch.stack(x) for x in zip(*per_layer)))
 
 
-def _experts_and_top_k(layer: MoELayer, config) -> tuple[int, int]:
+def experts_and_top_k(layer: MoELayer, config) -> tuple[int, int]:
     """E and K of a layer, from its router (`num_experts`, `top_k`) or, failing that, the model's config."""
     router = layer.routers[0]
     num_experts = getattr(router, "num_experts", None)
@@ -597,6 +597,7 @@ __all__ = [
     "MoELayer",
     "StockMoE",
     "base_model_of",
+    "experts_and_top_k",
     "find_moe_layers",
     "is_experts_module",
     "router_probabilities",

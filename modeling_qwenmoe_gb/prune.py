@@ -61,10 +61,9 @@ class PruneSite:
 def prune_sites(model: nn.Module) -> list[PruneSite]:
     """The MoE layers of a QwenMoE-GB model or of any transformers MoE `any_moe` reads; `ValueError` naming the model's
     class otherwise."""
-    from .any_moe import find_moe_layers
+    from .any_moe import experts_and_top_k, find_moe_layers
     from .modeling_qwenmoe_gb import QwenMoeGBSparseMoeBlock
 
-    names = {id(m): n for n, m in model.named_modules()}
     own = [(n, m) for n, m in model.named_modules() if isinstance(m, QwenMoeGBSparseMoeBlock)]
     if own:
         return [PruneSite(n, m.experts, m.gate.num_experts) for n, m in own]
@@ -72,21 +71,9 @@ def prune_sites(model: nn.Module) -> list[PruneSite]:
         layers = find_moe_layers(model)
     except ValueError as error:
         raise ValueError(f"model={type(model).__name__}: its MoE layers cannot be read for pruning: {error}") from None
-    sites = []
-    for layer in layers:
-        experts = names[id(layer.experts)]
-        block = experts.rsplit(".", 1)[0] if "." in experts else ""
-        count = layer.routers[0].weight.shape[0] if hasattr(layer.routers[0], "weight") else None
-        sites.append(PruneSite(block, layer.experts, int(count or _config_expert_count(model.config))))
-    return sites
-
-
-def _config_expert_count(config) -> int:
-    for name in EXPERT_COUNT_FIELDS:
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    raise ValueError(f"{type(config).__name__}: no expert count field (allowed {list(EXPERT_COUNT_FIELDS)})")
+    names = {id(m): n for n, m in model.named_modules()}
+    blocks = [names[id(layer.experts)].rpartition(".")[0] for layer in layers]  # the experts' parent
+    return [PruneSite(b, layer.experts, experts_and_top_k(layer, model.config)[0]) for b, layer in zip(blocks, layers)]
 
 
 # --------------------------------------------------------------------------------------------- calibration
