@@ -628,7 +628,8 @@ def markdown_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> list[Result]:
+def build_parser() -> argparse.ArgumentParser:
+    """The `bench` command's flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="demo", help="model preset or config JSON path")
     parser.add_argument("--config_overrides", default=None, help="JSON dict of config fields")
@@ -667,7 +668,11 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument(
         "--paired_layouts", default=None, help="under torchrun: two engine layouts (fsdp, fsdp+ep), step-time ratio"
     )
-    args = parser.parse_args(argv)  # fmt: skip
+    return parser
+
+
+def main(argv: list[str] | None = None) -> list[Result]:
+    args = build_parser().parse_args(argv)
     if args.paired and args.distributed:
         raise ValueError(f"--paired={args.paired!r} with --distributed: allowed in one process only")
     if args.paired_layouts and "WORLD_SIZE" not in os.environ:

@@ -17,9 +17,12 @@ domains) on CPU in a few minutes. It takes every `transformers.TrainingArguments
 `accelerate launch` / `torchrun`.
 """
 
+import argparse
+import importlib
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,12 +79,63 @@ class ExportArguments:
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer to ship (default: the model folder's)"})
 
 
+# ----------------------------------------------------------------------------------------- parsers
+
+
+def _dataclass_parser(*names: str) -> Callable[[], HfArgumentParser]:
+    """A parser factory over dataclasses named `module:Class` (imported when the parser is built)."""
+
+    def build() -> HfArgumentParser:
+        classes = []
+        for name in names:
+            module, cls = name.split(":")
+            classes.append(getattr(importlib.import_module(module, __package__), cls))
+        return HfArgumentParser(tuple(classes))
+
+    return build
+
+
+def _bench_parser() -> argparse.ArgumentParser:
+    from .benchmark import build_parser
+
+    return build_parser()
+
+
+def _pretrain_parser() -> HfArgumentParser:
+    from .pretraining import pretrain_parser
+
+    return pretrain_parser()
+
+
+# Each command's flags: what it parses, what `docs/reference/cli.md` lists and what the docs' commands are checked
+# against. `compare` hands the flags it does not know to `pretrain`.
+PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
+    "prepare-data": _dataclass_parser(".data.prepare:PrepareArguments"),
+    "pretrain": _pretrain_parser,
+    "evaluate": _dataclass_parser(".cli:ModelPathArguments", ".pretraining:DataArguments", ".cli:LmEvalArguments"),
+    "analyze": _dataclass_parser(".cli:ModelPathArguments", ".pretraining:DataArguments"),
+    "compare": _dataclass_parser(".compare:CompareArguments"),
+    "bench": _bench_parser,
+    "bench-data": _dataclass_parser(".data_benchmark:BenchDataArguments"),
+    "export": _dataclass_parser(".cli:ExportArguments"),
+    "prune": _dataclass_parser(".cli:ModelPathArguments", ".pretraining:DataArguments", ".prune:PruneArguments"),
+    "prune-study": _dataclass_parser(".prune_study:PruneStudyArguments"),
+    "push": _dataclass_parser(".cli:PushArguments"),
+}
+
+
+def command_parser(command: str) -> argparse.ArgumentParser:
+    """The argument parser of `qwenmoe-gb COMMAND`."""
+    if command not in PARSERS:
+        raise ValueError(f"command={command!r} is unknown: allowed {list(PARSERS)}")
+    return PARSERS[command]()
+
+
 # ----------------------------------------------------------------------------------------- commands
 
 
-def _load_for_eval(argv: list[str], extra: tuple = ()):
-    parser = HfArgumentParser((ModelPathArguments, DataArguments, *extra))
-    path_args, data_args, *rest = parser.parse_args_into_dataclasses(args=argv)
+def _load_for_eval(command: str, argv: list[str]):
+    path_args, data_args, *rest = command_parser(command).parse_args_into_dataclasses(args=argv)
     use_recorded_data(path_args.model, data_args, argv)  # same data, tokenizer and seq_len as the training run
     model = load_trained(path_args.model)  # QwenMoE-GB, or the transformers MoE it was trained as
     test = data_args.open().domains("test", data_args.seq_len)
@@ -89,7 +143,7 @@ def _load_for_eval(argv: list[str], extra: tuple = ()):
 
 
 def evaluate_cmd(argv: list[str]) -> dict:
-    model, test, out_dir, data_args, lm_args = _load_for_eval(argv, (LmEvalArguments,))
+    model, test, out_dir, data_args, lm_args = _load_for_eval("evaluate", argv)
     routed = analysis.route_domains(model, test, data_args.eval_batch_size, data_args.eval_max_sequences)
     report = analysis.perplexity_report(routed)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -112,7 +166,7 @@ def evaluate_cmd(argv: list[str]) -> dict:
 
 
 def analyze_cmd(argv: list[str]) -> dict:
-    model, test, out_dir, data_args = _load_for_eval(argv)
+    model, test, out_dir, data_args = _load_for_eval("analyze", argv)
     result = evaluate_and_analyze(model, test, out_dir, data_args)
     spec = result["specialization"]
     print(f"specialization KL {spec['specialization_kl']:.4f}; max expert frequency per domain:")
@@ -122,7 +176,7 @@ def analyze_cmd(argv: list[str]) -> dict:
 
 
 def push_cmd(argv: list[str]) -> str:
-    (args,) = HfArgumentParser(PushArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = command_parser("push").parse_args_into_dataclasses(args=argv)
     if not args.repo_id:
         raise ValueError("repo_id='' is not allowed: give --repo_id USER/NAME")
     url = push_folder(args.model, args.repo_id, private=args.private, token=args.token)
@@ -131,7 +185,7 @@ def push_cmd(argv: list[str]) -> str:
 
 
 def export_cmd(argv: list[str]) -> Path:
-    (args,) = HfArgumentParser(ExportArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = command_parser("export").parse_args_into_dataclasses(args=argv)
     if not args.out:
         raise ValueError("out='' is not allowed: give --out DIR (a new folder)")
     if Path(args.out).resolve() == Path(args.model).resolve():
@@ -213,4 +267,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["DataArguments", "ModelArguments", "main", "pretrain"]
+__all__ = ["PARSERS", "DataArguments", "ModelArguments", "command_parser", "main", "pretrain"]

@@ -40,7 +40,6 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import HfArgumentParser
 
 from .analysis import write_json
 from .pretraining import pretrain
@@ -348,8 +347,9 @@ def plot_maxvio_curves(runs: dict, path: Path) -> None:
 
 def compare(argv: list[str]) -> dict:
 
-    parser = HfArgumentParser(CompareArguments)
-    args, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    from .cli import command_parser
+
+    args, rest = command_parser("compare").parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     rest = COMPARE_DEFAULTS + rest
     arms = [a for a in args.arms.split(",") if a]
     seeds = [int(s) for s in args.seeds.split(",") if s]

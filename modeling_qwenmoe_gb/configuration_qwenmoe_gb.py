@@ -28,6 +28,17 @@ LOSS_IMPLEMENTATIONS = ("chunked", "full", "liger")
 ROUTER_DTYPES = ("auto", "float32")
 MOE_RECOMPUTE = ("none", "expert_act", "experts", "moe")
 TOKEN_DROP_POLICIES = ("probs", "position")
+# The string fields with a closed set of values (the config reference lists them; validation refuses the rest)
+FIELD_CHOICES = {
+    "balance_scope": BALANCE_SCOPES,
+    "aux_free_method": AUX_FREE_METHODS,
+    "quantile_scope": QUANTILE_SCOPES,
+    "router_scoring_func": ROUTER_SCORING_FUNCS,
+    "router_dtype": ROUTER_DTYPES,
+    "moe_recompute": MOE_RECOMPUTE,
+    "moe_token_drop_policy": TOKEN_DROP_POLICIES,
+    "loss_implementation": LOSS_IMPLEMENTATIONS,
+}
 
 
 class QwenMoeGBConfig(Qwen2MoeConfig):

@@ -356,9 +356,10 @@ def _cpu_name() -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from transformers import HfArgumentParser
 
-    (args,) = HfArgumentParser(BenchDataArguments).parse_args_into_dataclasses(args=argv)
+    from .cli import command_parser
+
+    (args,) = command_parser("bench-data").parse_args_into_dataclasses(args=argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     parts = args.parts.split(",")

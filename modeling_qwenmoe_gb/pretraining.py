@@ -630,10 +630,14 @@ def cpu_launch_flags(argv: list[str]) -> list[str]:
     return [] if _flag(argv, "use_cpu") is not None else ["--use_cpu", "true"]
 
 
+def pretrain_parser() -> HfArgumentParser:
+    """The `pretrain` command's flags: ours, then every `transformers.TrainingArguments` flag."""
+    return HfArgumentParser((ModelArguments, DataArguments, ParallelArguments, RunArguments, TrainingArguments))
+
+
 def pretrain(argv: list[str], callbacks: list | None = None) -> dict:
     """`qwenmoe-gb pretrain ARGV` (from Python: `callbacks`, extra `TrainerCallback`s for the trainer)."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, ParallelArguments, RunArguments, TrainingArguments))
-    parsed = parser.parse_args_into_dataclasses(args=PRETRAIN_DEFAULTS + argv + cpu_launch_flags(argv))
+    parsed = pretrain_parser().parse_args_into_dataclasses(args=PRETRAIN_DEFAULTS + argv + cpu_launch_flags(argv))
     model_args, data_args, parallel_args, run_args, train_args = parsed
     check_numbers(model_args, data_args, train_args)
     model_args.architecture()  # the architecture flags apply to this start, or are refused now

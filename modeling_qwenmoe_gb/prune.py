@@ -39,7 +39,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import HfArgumentParser
 
 SCORES = ("reap", "frequency", "gate_sum")  # `--score`
 EXPERT_COUNT_FIELDS = ("num_experts", "n_routed_experts", "num_local_experts")  # per family, in its config
@@ -322,12 +321,11 @@ def parse_domains(spec: str | None, available: list[str]) -> list[str]:
 def prune(argv: list[str]) -> dict:
     """`qwenmoe-gb prune --model DIR --data D (--keep_experts N | --keep_fraction F) [--score S] --output_dir OUT`."""
     from . import analysis
-    from .cli import ModelPathArguments
+    from .cli import command_parser
     from .hub import hub_model_id
-    from .pretraining import DataArguments, load_trained, use_recorded_data
+    from .pretraining import load_trained, use_recorded_data
 
-    parser = HfArgumentParser((ModelPathArguments, DataArguments, PruneArguments))
-    path_args, data_args, args = parser.parse_args_into_dataclasses(args=argv)
+    path_args, data_args, args = command_parser("prune").parse_args_into_dataclasses(args=argv)
     if not args.output_dir:
         raise ValueError("output_dir='' is not allowed: give --output_dir DIR (a new folder)")
     out = Path(args.output_dir)

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import HfArgumentParser
 
 from .prune import (
     calibrate,
@@ -153,7 +152,9 @@ def plot(summary: dict, args: PruneStudyArguments, path: Path, score: str = "rea
 
 
 def prune_study(argv: list[str]) -> dict:
-    (args,) = HfArgumentParser(PruneStudyArguments).parse_args_into_dataclasses(args=argv)
+    from .cli import command_parser
+
+    (args,) = command_parser("prune-study").parse_args_into_dataclasses(args=argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {}

@@ -443,9 +443,10 @@ def _copy(source, target, nbytes: int) -> None:
 
 
 def prepare_cmd(argv: list[str]) -> Path:
-    from transformers import HfArgumentParser
 
-    (args,) = HfArgumentParser(PrepareArguments).parse_args_into_dataclasses(args=argv)
+    from ..cli import command_parser
+
+    (args,) = command_parser("prepare-data").parse_args_into_dataclasses(args=argv)
     if not args.output_dir:
         raise ValueError("output_dir='' is not allowed: give --output_dir DIR")
     options = {k: v for k, v in vars(args).items() if k not in ("data", "tokenizer", "output_dir")}
