@@ -16,7 +16,7 @@ MCORE_QB_DIR ?= $(or $(TMPDIR),/tmp)/qwenmoe-gb-megatron-qb
 LLMC_VENV ?= $(or $(TMPDIR),/tmp)/qwenmoe-gb-llmcompressor-venv
 LLMC := llmcompressor==0.14.0.1
 
-.PHONY: install install-newest lint format test test-floor test-engines check ci demo serving-venvs test-serving lmeval-venv test-lmeval megatron-qb-wheel test-megatron-qb llmcompressor-venv \
+.PHONY: install install-newest lint format test test-floor test-engines check ci demo docs docs-reference docs-check serving-venvs test-serving lmeval-venv test-lmeval megatron-qb-wheel test-megatron-qb llmcompressor-venv \
 	test-llmcompressor
 
 install:  ## the tested versions (constraints.txt)
@@ -75,7 +75,18 @@ test-megatron-qb: megatron-qb-wheel  ## micro_mean QB against Megatron-Core's qb
 	QWENMOE_GB_MEGATRON_QB_WHEEL=$$(ls $(MCORE_QB_DIR)/megatron_core-*.whl | head -1) \
 	$(PY) -m pytest -m megatron_qb -q -rA tests/test_quantile.py
 
-check: lint test
+docs-reference:  ## regenerate docs/reference/cli.md and config.md from the code
+	$(PY) scripts/docs_reference.py
+
+docs:  ## the docs site into site/, strictly: stale reference pages, a broken link or anchor, any warning fail
+	$(PY) scripts/docs_reference.py --check
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
+
+docs-check: docs  ## the built site in headless Chromium (Debian's package): console errors, failed loads, broken images
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+	$(PY) scripts/docs_browser_check.py --site site --out runs/docs-check
+
+check: lint docs test
 
 llmcompressor-venv:  ## llm-compressor with its own transformers and torch 2.13 CPU in $(LLMC_VENV)
 	test -x $(LLMC_VENV)/bin/python && $(LLMC_VENV)/bin/python -c "import llmcompressor" 2>/dev/null || \
@@ -85,7 +96,7 @@ llmcompressor-venv:  ## llm-compressor with its own transformers and torch 2.13 
 test-llmcompressor: llmcompressor-venv  ## REAP scores and kept experts against llm-compressor's REAPPruningModifier
 	QWENMOE_GB_LLMC_PYTHON=$(LLMC_VENV)/bin/python $(PY) -m pytest -m llmcompressor -q -rA tests/test_prune_llmcompressor.py
 
-ci: install-newest check test-serving test-lmeval test-megatron-qb test-llmcompressor test-floor
+ci: install-newest check docs-check test-serving test-lmeval test-megatron-qb test-llmcompressor test-floor
 
 demo:
 	qwenmoe-gb pretrain

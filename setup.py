@@ -60,6 +60,11 @@ setup(
             "megatron-core>=0.16.1",
             "datatrove>=0.10",
             "scipy>=1.11",
+            # the docs site (make docs), its Python examples under pytest and the browser check (make docs-check)
+            "mkdocs-material>=9.6",
+            "mkdocstrings-python>=1.16",
+            "sybil>=9",
+            "playwright>=1.50",
         ],
     },
     entry_points={"console_scripts": ["qwenmoe-gb=modeling_qwenmoe_gb.cli:main"]},

