@@ -100,7 +100,7 @@ ARG = re.compile(r"^ {8}(\w+) \((.*)\):\s*$")
 
 
 def config_docs() -> dict[str, tuple[str, str]]:
-    """{field: (the docstring's type line, the description)} from `QwenMoeGBConfig`'s `Args:`."""
+    """{field: (the docstring's type line, the description as Markdown)} from `QwenMoeGBConfig`'s `Args:`."""
     doc = QwenMoeGBConfig.__doc__.split("Args:", 1)[1]
     entries: dict[str, tuple[str, list[str]]] = {}
     name = None
@@ -111,12 +111,29 @@ def config_docs() -> dict[str, tuple[str, str]]:
             entries[name] = (m.group(2), [])
         elif name and line.strip():
             entries[name][1].append(line.strip())
-    return {k: (t, " ".join(d)) for k, (t, d) in entries.items()}
+    return {k: (t, _markdown(d)) for k, (t, d) in entries.items()}
+
+
+def _markdown(lines: list[str]) -> str:
+    """Docstring lines as Markdown: wrapped lines joined, `- ` items as a list."""
+    out: list[str] = []
+    for line in lines:
+        if line.startswith("- "):
+            out.append(("\n" if out and not out[-1].lstrip().startswith("- ") else "") + line)
+        elif out:
+            out[-1] += " " + line
+        else:
+            out.append(line)
+    return "\n".join(out)
 
 
 def _docstring_default(type_line: str) -> str | None:
     m = re.search(r"defaults to `?([^`]*?)`?$", type_line)
     return m.group(1) if m else None
+
+
+def _value(v) -> str:
+    return f'`"{v}"`' if isinstance(v, str) else f"`{v!r}`"
 
 
 def config_markdown() -> str:
@@ -125,16 +142,15 @@ def config_markdown() -> str:
     missing = [f for f in own if f not in docs]
     if missing:
         raise ValueError(f"QwenMoeGBConfig fields without an Args: entry in its docstring: {missing}")
-    lines = [
+    parts = [
         HEADER + "# Configuration\n",
         "`QwenMoeGBConfig` extends transformers' [`Qwen2MoeConfig`](https://huggingface.co/docs/transformers/"
         "model_doc/qwen2_moe#transformers.Qwen2MoeConfig): its fields (`num_experts`, `num_experts_per_tok`, "
         "`moe_intermediate_size`, `shared_expert_intermediate_size`, `norm_topk_prob`, `output_router_logits`, ...) "
         "keep their transformers meaning; `shared_expert_intermediate_size=0` drops the shared expert. Balance losses "
         "score 1.0 at perfect balance (transformers' scores K), so a coefficient `c` here is `c / K` in transformers' "
-        "units. Every invalid value raises `ValueError` naming the field, the value and what is allowed.\n",
-        "| field | type | default | allowed | meaning |",
-        "|---|---|---|---|---|",
+        "units. Every invalid value raises `ValueError` naming the field, the value and what is allowed. The fields "
+        "QwenMoE-GB adds (and `router_aux_loss_coef`, whose meaning it changes):\n",
     ]
     for name in [f for f in docs if f not in own] + own:  # inherited fields documented here first
         type_line, text = docs[name]
@@ -143,11 +159,12 @@ def config_markdown() -> str:
         if documented is not None and documented.strip('"') != str(default):
             raise ValueError(f"QwenMoeGBConfig.{name}: the docstring says default {documented}, the code {default!r}")
         kind = QwenMoeGBConfig.__annotations__.get(name, type(default))
-        kind = getattr(kind, "__name__", None) if isinstance(kind, type) else str(kind)
-        allowed = ", ".join(f'`"{c}"`' for c in FIELD_CHOICES.get(name, ()))
-        shown = "`None`" if default is None else f"`{default!r}`"
-        lines.append(f"| `{name}` | `{kind}` | {shown} | {allowed} | {_cell(text)} |")
-    return "\n".join(lines) + "\n"
+        kind = kind.__name__ if isinstance(kind, type) else str(kind)
+        line = f"`{kind}`, default {_value(default)}"
+        if name in FIELD_CHOICES:
+            line += ", one of " + ", ".join(_value(c) for c in FIELD_CHOICES[name])
+        parts.append(f"## `{name}`\n\n{line}.\n\n{text}\n")
+    return "\n".join(parts)
 
 
 PAGES = {"cli.md": cli_markdown, "config.md": config_markdown}

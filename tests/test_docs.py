@@ -92,7 +92,7 @@ def test_reference_lists_every_flag_and_field():
     for action in command_parser("prune")._actions[1:]:
         assert f"`{action.option_strings[0]}`" in cli_page
     for field in QwenMoeGBConfig.__annotations__:
-        assert f"| `{field}` |" in config_page
+        assert f"## `{field}`" in config_page
 
 
 @pytest.mark.parametrize("field", sorted(FIELD_CHOICES))
