@@ -10,6 +10,7 @@
 
 import importlib.util
 import re
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -31,12 +32,18 @@ def shown_commands(text: str) -> list[tuple[str, str]]:
     snippets += re.findall(r"`([^`\n]+)`", prose)
     found = []
     for snippet in snippets:
-        for line in snippet.replace("\\\n", " ").splitlines():
+        previous = None  # an indented line after a command line continues it (a usage block's wrapped flags)
+        for line in textwrap.dedent(snippet).replace("\\\n", " ").splitlines():
             line = re.split(r"\s#\s", line)[0]  # a shell comment
+            if previous is not None and line.startswith(" ") and not COMMAND.search(line):
+                found[previous] = (found[previous][0], found[previous][1] + " " + line)
+                continue
+            previous = None
             for segment in re.split(r"\s(?:&&|;|\|\|?)\s", line):
                 m = COMMAND.search(segment)
                 if m:
                     found.append((m.group(1), m.group(2)))
+                    previous = len(found) - 1
     return found
 
 
@@ -63,11 +70,10 @@ def test_every_command_shown_parses(page):
 
 
 def test_the_command_check_catches_an_unknown_flag():
-    page = "```bash\nqwenmoe-gb prune --model m --keep_fraction 0.5 --no_such_flag 1\n```"
+    page = "```bash\nqwenmoe-gb prune --model m --keep_fraction 0.5 --no_such_flag 1\n    [--nor_this N]\n```"
     (command, rest), *_ = shown_commands(page)
-    assert command == "prune" and [f for f in FLAG.findall(rest) if f"--{f}" not in known_flags("prune")] == [
-        "no_such_flag"
-    ]
+    unknown = [f for f in FLAG.findall(rest) if f"--{f}" not in known_flags("prune")]
+    assert command == "prune" and unknown == ["no_such_flag", "nor_this"]
 
 
 def _docs_reference():
