@@ -3,7 +3,7 @@
     python scripts/docs_browser_check.py [--site site] [--out runs/docs-check]   # after mkdocs build (make docs-check)
 
 Features
-- Serves `--site` on 127.0.0.1 (a free port) and opens the home page, the configuration reference and a guide with
+- Serves `--site` on 127.0.0.1 (a free port) and opens the home page, the configuration reference and two guides with
   Playwright driving the system's Chromium (no browser download).
 - Fails on a console error, an uncaught page error, a request that failed or answered >= 400, and an image that did
   not load (`naturalWidth == 0`); the home page must show its two heatmaps.
@@ -18,7 +18,7 @@ import sys
 import threading
 from pathlib import Path
 
-PAGES = {"home": "", "config": "reference/config/", "any-moe": "guides/any-moe/"}
+PAGES = {"home": "", "config": "reference/config/", "any-moe": "guides/any-moe/", "scale-out": "guides/scale-out/"}
 BROKEN_IMAGES = "Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0).map(i => i.src)"
 LOADED_IMAGES = "Array.from(document.images).filter(i => i.complete && i.naturalWidth > 0).map(i => i.src)"
 

@@ -6,6 +6,8 @@ Features
 - Their links are rewritten for the site: `docs/X` → `X`, `RESULTS.md#a` → `results.md#a` (the four files as their
   pages); a link to another file of the repository (a script, a test) becomes its path as code, since the site
   holds only the docs. Strict mode then checks every rewritten link and anchor.
+- On every page a list that follows a paragraph line directly gets the blank line Python-Markdown needs before it
+  (GitHub renders such a list without one, so the Markdown files are written that way).
 """
 
 import re
@@ -16,6 +18,7 @@ INCLUDES = {"index.md": "README.md", "results.md": "RESULTS.md", "benchmarks.md"
             "changelog.md": "CHANGELOG.md"}  # fmt: skip
 PAGE_OF = {source: page for page, source in INCLUDES.items()}
 LINK = re.compile(r"(!?)\[([^\]]*)\]\(([^)\s]+)\)")
+ITEM = re.compile(r"^(?:[-*+]|\d+\.) ")
 
 
 def site_link(target: str) -> str | None:
@@ -43,6 +46,20 @@ def rewrite(markdown: str) -> str:
     return LINK.sub(one, markdown)
 
 
+def blank_before_lists(markdown: str) -> str:
+    out: list[str] = []
+    fenced = False
+    for line in markdown.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        previous = out[-1] if out else ""
+        starts_list = ITEM.match(line) and previous.strip() and not previous.startswith((" ", "|", "#"))
+        if not fenced and starts_list and not ITEM.match(previous):
+            out.append("")
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:
     source = INCLUDES.get(page.file.src_uri)
-    return rewrite((ROOT / source).read_text()) if source else markdown
+    return blank_before_lists(rewrite((ROOT / source).read_text()) if source else markdown)
