@@ -346,7 +346,6 @@ def plot_maxvio_curves(runs: dict, path: Path) -> None:
 
 
 def compare(argv: list[str]) -> dict:
-
     from .cli import command_parser
 
     args, rest = command_parser("compare").parse_args_into_dataclasses(args=argv, return_remaining_strings=True)

@@ -356,7 +356,6 @@ def _cpu_name() -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-
     from .cli import command_parser
 
     (args,) = command_parser("bench-data").parse_args_into_dataclasses(args=argv)

@@ -443,7 +443,6 @@ def _copy(source, target, nbytes: int) -> None:
 
 
 def prepare_cmd(argv: list[str]) -> Path:
-
     from ..cli import command_parser
 
     (args,) = command_parser("prepare-data").parse_args_into_dataclasses(args=argv)
