@@ -28,7 +28,7 @@ LOSS_IMPLEMENTATIONS = ("chunked", "full", "liger")
 ROUTER_DTYPES = ("auto", "float32")
 MOE_RECOMPUTE = ("none", "expert_act", "experts", "moe")
 TOKEN_DROP_POLICIES = ("probs", "position")
-# The string fields with a closed set of values (the config reference lists them; validation refuses the rest)
+# The string fields with a closed set of values: what validation allows (`_check_choice`) and the reference lists
 FIELD_CHOICES = {
     "balance_scope": BALANCE_SCOPES,
     "aux_free_method": AUX_FREE_METHODS,
@@ -194,19 +194,10 @@ class QwenMoeGBConfig(Qwen2MoeConfig):
     def validate_balance(self) -> None:
         """Raise `ValueError` naming the field, the value and what is allowed."""
         validate_balance_fields(self)
-        if self.router_scoring_func not in ROUTER_SCORING_FUNCS:
-            raise ValueError(
-                f"router_scoring_func={self.router_scoring_func!r} is unknown: allowed {list(ROUTER_SCORING_FUNCS)}"
-            )
-        if self.router_dtype not in ROUTER_DTYPES:
-            raise ValueError(f"router_dtype={self.router_dtype!r} is unknown: allowed {list(ROUTER_DTYPES)}")
-        if self.moe_recompute not in MOE_RECOMPUTE:
-            raise ValueError(f"moe_recompute={self.moe_recompute!r} is unknown: allowed {list(MOE_RECOMPUTE)}")
+        for name in ("router_scoring_func", "router_dtype", "moe_recompute"):
+            _check_choice(name, getattr(self, name))
         self.validate_routing()
-        if self.loss_implementation not in LOSS_IMPLEMENTATIONS:
-            raise ValueError(
-                f"loss_implementation={self.loss_implementation!r} is unknown: allowed {list(LOSS_IMPLEMENTATIONS)}"
-            )
+        _check_choice("loss_implementation", self.loss_implementation)
         if self.loss_chunk_size is not None:
             _check_int("loss_chunk_size", self.loss_chunk_size, minimum=1)
 
@@ -236,10 +227,7 @@ class QwenMoeGBConfig(Qwen2MoeConfig):
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name}={value!r} is not allowed: a number > 0 is required")
-        if self.moe_token_drop_policy not in TOKEN_DROP_POLICIES:
-            raise ValueError(
-                f"moe_token_drop_policy={self.moe_token_drop_policy!r} is unknown: allowed {list(TOKEN_DROP_POLICIES)}"
-            )
+        _check_choice("moe_token_drop_policy", self.moe_token_drop_policy)
 
     def expert_groups(self) -> list[list[int]] | None:
         """`device_balance_groups` as an explicit partition (list of expert-index lists), or None. `"ep"` depends on
@@ -301,8 +289,7 @@ def validate_balance_fields(config) -> None:
             f"num_experts_per_tok={config.num_experts_per_tok} is above num_experts={config.num_experts}: "
             f"allowed 1..{config.num_experts}"
         )
-    if config.balance_scope not in BALANCE_SCOPES:
-        raise ValueError(f"balance_scope={config.balance_scope!r} is unknown: allowed {list(BALANCE_SCOPES)}")
+    _check_choice("balance_scope", config.balance_scope)
     if config.balance_group_size is not None:
         _check_int("balance_group_size", config.balance_group_size, minimum=1)
     for name in BALANCE_COEFFICIENTS:
@@ -324,10 +311,8 @@ def uses_quantile_balancing(config) -> bool:
 def validate_quantile_fields(config) -> None:
     """Check the aux-free method and Quantile Balancing's fields (`ValueError` naming the field)."""
     method = getattr(config, "aux_free_method", "sign")
-    if method not in AUX_FREE_METHODS:
-        raise ValueError(f"aux_free_method={method!r} is unknown: allowed {list(AUX_FREE_METHODS)}")
-    if config.quantile_scope not in QUANTILE_SCOPES:
-        raise ValueError(f"quantile_scope={config.quantile_scope!r} is unknown: allowed {list(QUANTILE_SCOPES)}")
+    _check_choice("aux_free_method", method)
+    _check_choice("quantile_scope", config.quantile_scope)
     _check_int("quantile_bins", config.quantile_bins, minimum=10)
     ema = config.quantile_ema
     if isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 <= ema < 1:
@@ -367,6 +352,11 @@ def expert_partition(groups: int | list | str | None, num_experts: int) -> list[
         size = num_experts // groups
         return [list(range(d * size, (d + 1) * size)) for d in range(groups)]
     return [list(g) for g in groups]
+
+
+def _check_choice(name: str, value: object) -> None:
+    if value not in FIELD_CHOICES[name]:
+        raise ValueError(f"{name}={value!r} is unknown: allowed {list(FIELD_CHOICES[name])}")
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
