@@ -46,15 +46,18 @@ def save_standin(name: str, family: str) -> str:
 
 class _InTemporaryFolder:
     def __init__(self):
-        self.previous = []
+        self.stack: list[tuple[str, tempfile.TemporaryDirectory]] = []
 
     def setup(self, namespace: dict) -> None:
-        self.previous.append(os.getcwd())
-        os.chdir(tempfile.mkdtemp(prefix="qwenmoe-gb-docs-"))
+        folder = tempfile.TemporaryDirectory(prefix="qwenmoe-gb-docs-")
+        self.stack.append((os.getcwd(), folder))
+        os.chdir(folder.name)
         namespace["save_standin"] = save_standin
 
     def teardown(self, namespace: dict) -> None:
-        os.chdir(self.previous.pop())
+        previous, folder = self.stack.pop()
+        os.chdir(previous)
+        folder.cleanup()  # what the page's examples saved
 
 
 _folder = _InTemporaryFolder()

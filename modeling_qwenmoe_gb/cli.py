@@ -34,7 +34,15 @@ from .compare import compare
 from .convert import EXPORT_TARGETS, export_qwen_moe
 from .hub import complete_auto_map, push_folder
 from .modeling_qwenmoe_gb import QwenMoeGBForCausalLM
-from .pretraining import DataArguments, ModelArguments, evaluate_and_analyze, load_trained, pretrain, use_recorded_data
+from .pretraining import (
+    DataArguments,
+    ModelArguments,
+    evaluate_and_analyze,
+    load_trained,
+    pretrain,
+    pretrain_parser,
+    use_recorded_data,
+)
 
 
 @dataclass
@@ -101,17 +109,11 @@ def _bench_parser() -> argparse.ArgumentParser:
     return build_parser()
 
 
-def _pretrain_parser() -> HfArgumentParser:
-    from .pretraining import pretrain_parser
-
-    return pretrain_parser()
-
-
 # Each command's flags: what it parses, what `docs/reference/cli.md` lists and what the docs' commands are checked
 # against. `compare` hands the flags it does not know to `pretrain`.
 PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
     "prepare-data": _dataclass_parser(".data.prepare:PrepareArguments"),
-    "pretrain": _pretrain_parser,
+    "pretrain": pretrain_parser,
     "evaluate": _dataclass_parser(".cli:ModelPathArguments", ".pretraining:DataArguments", ".cli:LmEvalArguments"),
     "analyze": _dataclass_parser(".cli:ModelPathArguments", ".pretraining:DataArguments"),
     "compare": _dataclass_parser(".compare:CompareArguments"),
