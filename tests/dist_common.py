@@ -1,6 +1,13 @@
-"""Shared pieces of the distributed tests: one config, deterministic data, a Trainer run."""
+"""Shared pieces of the distributed tests: one config, deterministic data, a Trainer run, and the launch of the
+worker processes (`torchrun` / `accelerate launch`) with their own error on failure."""
 
 import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -10,6 +17,10 @@ from transformers import TrainingArguments
 from modeling_qwenmoe_gb import QwenMoeGBConfig, QwenMoeGBForCausalLM
 from modeling_qwenmoe_gb.trainer import QwenMoeGBTrainer
 from tests.conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parent.parent
+# torch.distributed.elastic's line for the first rank that failed; what the ranks printed comes before it
+RANK_FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: \d+")
 
 SEQ = 12
 MICRO = 2
@@ -113,3 +124,42 @@ def trainer_run(
         torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, out / "params.pt")
         (out / "log_history.json").write_text(json.dumps(trainer.state.log_history))
     return model
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(nproc: int = 2) -> list[str]:
+    """`python -m torch.distributed.run --nproc_per_node N --master_port <free>`: prefix a worker script and args."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+            str(free_port())]  # fmt: skip
+
+
+def ranks_error(result: subprocess.CompletedProcess) -> str:
+    """What the ranks printed before the launcher's failure summary (their traceback, or the stack Python's fault
+    handler wrote for a fatal signal), then the launcher's line naming the rank and exit code."""
+    found = RANK_FAILED.search(result.stderr)
+    if found is None:
+        return result.stdout[-3000:] + result.stderr[-6000:]
+    line_end = result.stderr.find("\n", found.end())
+    return result.stdout[-2000:] + result.stderr[: found.start()][-7000:] + result.stderr[found.start() : line_end]
+
+
+def run_ranks(cmd: list[str], timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
+    """Run a multi-process launch `cmd` (`torchrun(...)` or `accelerate launch`) from the repository root, offline,
+    with the repository importable, Python's fault handler on and `env` added; assert it succeeded, failing with the
+    ranks' own error (`ranks_error`). A launch whose first failed rank was killed by a signal rather than ending with
+    an error (a crash of the process itself, the same command having passed before) runs once more; the first try's
+    error stays as a warning in pytest's summary. A second failure, or any rank that raised, fails."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), PYTHONFAULTHANDLER="1", **env)
+    result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    failed = RANK_FAILED.search(result.stderr)
+    if result.returncode != 0 and failed is not None and int(failed.group(1)) < 0:
+        signal = -int(failed.group(1))
+        warnings.warn(f"a rank was killed by signal {signal}; launched again:\n{ranks_error(result)}", stacklevel=2)
+        result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, ranks_error(result)
+    return result

@@ -179,6 +179,17 @@ def raising_rank(rank: int) -> None:
     balancer(model(input_ids=ids, labels=ids, add_balance_loss=False).router_stats)
 
 
+def aborting_once(out: Path, rank: int) -> None:
+    """Rank 0 dies of SIGABRT (a crash, not an error) on the first launch in `out`; every later launch finishes."""
+    marker = out / "aborted_once"
+    dist.barrier()
+    if rank == 0 and not marker.exists():
+        marker.touch()
+        os.abort()
+    dist.barrier()
+    (out / f"finished_rank{rank}").touch()
+
+
 def grpo_replay(out: Path, rank: int) -> None:
     """TRL GRPO with rollout replay and global balance on 2 ranks, 2 steps: each rank saves the micro-batches its
     loss saw (masks, replayed routing), the balancer's step counts before each optimizer step, the aux-free biases
@@ -272,6 +283,10 @@ def main() -> None:
     dist.init_process_group("gloo")
     if sys.argv[2:] == ["raise"]:
         raising_rank(rank)
+        return
+    if sys.argv[2:] == ["abort_once"]:
+        aborting_once(out, rank)
+        dist.destroy_process_group()
         return
     if sys.argv[2:] == ["megatron_qb"]:
         megatron_qb(out, rank)

@@ -1,8 +1,6 @@
 """The ready-made accelerate configs load, target our classes, and the DDP one runs the CLI on 2 CPU processes."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +9,8 @@ from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
 
 from modeling_qwenmoe_gb.modeling_qwenmoe_gb import QwenMoeGBDecoderLayer
+
+from .dist_common import run_ranks
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configuration" / "accelerate"
 
@@ -59,9 +59,7 @@ def test_accelerate_launch_ddp_config_runs_pretrain_on_two_cpu_processes(tmp_pat
         "--save_strategy", "no", "--use_cpu", "true", "--disable_tqdm", "true",
         "--config_overrides", '{"num_hidden_layers": 2}',
     ]  # fmt: skip
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    run_ranks(cmd, timeout=300)
     history = json.loads((out / "log_history.json").read_text())["log_history"]
     assert [h["step"] for h in history if "loss" in h] == [1, 2]
     assert json.loads((out / "data_info.json").read_text())["world_size"] == 2  # really 2 processes (DDP on gloo)

@@ -18,8 +18,7 @@ import torch
 from modeling_qwenmoe_gb import QwenMoeGBForCausalLM
 
 from .accelerate_engine_worker import STEP_CASES
-from .dist_common import save_start
-from .test_distributed import free_port
+from .dist_common import free_port, run_ranks, save_start
 from .test_hub_round_trip import pull
 from .test_native_parallel import reference_step
 
@@ -40,10 +39,7 @@ def launch(config: str, *args: str, timeout: int = 600) -> subprocess.CompletedP
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / f"{config}.yaml"),
         "--num_processes", "2", "--main_process_port", str(free_port()), *args,
     ]  # fmt: skip
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
+    return run_ranks(cmd, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,6 @@ references computed here on the same data: global counts, loss and gradients for
 (DDP, 2 accumulation micro-steps), the aux-free bias (identical on both ranks), the Trainer's loss scale (2 × 1 × 2
 equals 1 × 1 × 4 and 1 × 4 × 1), and transformers' FSDP2 + EP engine."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,9 +15,9 @@ from modeling_qwenmoe_gb.any_moe import StockMoE
 from modeling_qwenmoe_gb.trainer import QwenMoeGBTrainer
 
 from .any_moe_worker import ACCUMULATION, ENGINE, family_batch, seed_forward
+from .dist_common import run_ranks, torchrun
 from .stock_models import available, tiny_model
 from .test_any_moe import BIASED, FAMILIES, family_params
-from .test_distributed import free_port
 
 pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,11 +31,7 @@ def workdir(tmp_path_factory):
             torch.save(tiny_model(family).state_dict(), out / f"{family}_init.pt")
     for family, _ in ENGINE:
         tiny_model(family).save_pretrained(out / f"{family}_ckpt")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
-    worker = [str(ROOT / "tests" / "any_moe_worker.py"), str(out)]
-    result = subprocess.run([*cmd, *worker], env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    run_ranks([*torchrun(), str(ROOT / "tests" / "any_moe_worker.py"), str(out)], timeout=900)
     return out
 
 

@@ -190,7 +190,7 @@ def test_paired_layouts_time_ep_against_fsdp_under_torchrun(tmp_path):
     import sys
     from pathlib import Path
 
-    from .test_distributed import free_port
+    from .dist_common import free_port
 
     out = tmp_path / "layouts.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from modeling_qwenmoe_gb.checkpoints import checkpoint_problem, resolve_resume
 
-from .test_distributed import free_port
+from .dist_common import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = [

@@ -16,8 +16,8 @@ from modeling_qwenmoe_gb.cli import pretrain
 from modeling_qwenmoe_gb.data import ByteTokenizer, Encoder, TokenDomains, open_token_folder, synthetic_corpus
 from modeling_qwenmoe_gb.data.formats import IndexWriter
 
+from .dist_common import free_port
 from .test_crash_resume import ENV, ROOT, RUN
-from .test_distributed import free_port
 
 TINY = [
     "--max_steps", "2", "--warmup_steps", "0", "--per_device_train_batch_size", "2", "--seq_len", "32",

@@ -1,10 +1,7 @@
 """2 CPU processes (torchrun, gloo) against single-process references computed here, in the parent."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -14,16 +11,10 @@ from transformers import AutoModelForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausal
 from modeling_qwenmoe_gb import QwenMoeGBForCausalLM, balance_loss, switch_balance_loss
 from modeling_qwenmoe_gb.balance import GlobalBalancer
 
-from .dist_common import ROUTING, batch_for, make_config, repeated_sequence_dataset, trainer_run
+from .dist_common import ROUTING, batch_for, make_config, repeated_sequence_dataset, run_ranks, torchrun, trainer_run
 
 pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +29,12 @@ def workdir(tmp_path_factory):
         router.expert_bias.normal_(0, 0.05)  # a trained bias: it moves selections
     torch.save(routing.state_dict(), out / "init_routing.pt")
     save_parallel_checkpoints(out)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    result = torchrun(out, env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    run_ranks(worker(out))
     return out
 
 
-def torchrun(out: Path, env: dict, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
-    worker = [str(ROOT / "tests" / "distributed_worker.py"), str(out), *extra]
-    return subprocess.run([*cmd, *worker], env=env, capture_output=True, text=True, timeout=timeout)
+def worker(out: Path, *extra: str) -> list[str]:
+    return [*torchrun(), str(ROOT / "tests" / "distributed_worker.py"), str(out), *extra]
 
 
 def save_parallel_checkpoints(out: Path) -> None:
@@ -260,11 +247,22 @@ def test_uneven_last_batch_counts_every_rank_once(workdir):
 
 
 def test_a_rank_that_raises_ends_the_job_with_its_error(tmp_path):
+    """The job ends (a hang would hit the timeout) and the failure shows the rank's own error, launched once."""
     torch.save(QwenMoeGBForCausalLM(make_config()).state_dict(), tmp_path / "init_f32.pt")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    result = torchrun(tmp_path, env, "raise", timeout=120)  # a hang would hit the timeout and fail the test
-    assert result.returncode != 0
-    assert "rank 1 failed: bad shard" in result.stdout + result.stderr
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an error is not a crash: no second launch
+        with pytest.raises(AssertionError, match="rank 1 failed: bad shard"):
+            run_ranks(worker(tmp_path, "raise"), timeout=120)
+
+
+def test_a_rank_killed_by_a_signal_is_launched_once_more_with_its_stack_kept(tmp_path):
+    """Rank 0 aborts on the first launch: `run_ranks` warns with the fault handler's stack of that rank and the
+    second launch finishes on both ranks."""
+    with pytest.warns(UserWarning, match="killed by signal 6") as caught:
+        run_ranks(worker(tmp_path, "abort_once"), timeout=120)
+    assert "Fatal Python error: Aborted" in str(caught[0].message)
+    assert "in aborting_once" in str(caught[0].message)
+    assert [(tmp_path / f"finished_rank{rank}").exists() for rank in range(2)] == [True, True]
 
 
 def test_fsdp2_sharded_training_matches_one_process(workdir):
@@ -304,9 +302,7 @@ def test_grpo_replay_on_two_ranks_counts_the_replayed_experts_of_both(tmp_path):
     pytest.importorskip("trl")
     from modeling_qwenmoe_gb.rl import ROLLOUT_KEY
 
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    result = torchrun(tmp_path, env, "grpo")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    run_ranks(worker(tmp_path, "grpo"))
     ranks = [torch.load(tmp_path / f"grpo_rank{r}.pt", weights_only=False) for r in range(2)]
     assert len(ranks[0]["counts"]) == len(ranks[1]["counts"]) == 2
     for step in range(2):

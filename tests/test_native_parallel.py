@@ -5,8 +5,6 @@ model trained and saved under FSDP2 + EP is a normal Hub folder that reloads (al
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,10 +15,9 @@ from modeling_qwenmoe_gb import QwenMoeGBForCausalLM, balance_loss
 from modeling_qwenmoe_gb.hub import push_folder, write_model_card
 from modeling_qwenmoe_gb.quantile import QuantileState
 
-from .dist_common import batch_for, save_start
+from .dist_common import batch_for, run_ranks, save_start, torchrun
 from .engine_worker import FOUR_PROCESS_STEPS, STEPS
 from .hub_server import HubServer
-from .test_distributed import free_port
 from .test_hub_round_trip import pull
 
 pytestmark = pytest.mark.distributed
@@ -31,18 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def workdir(tmp_path_factory):
     out = tmp_path_factory.mktemp("engine")
     save_start(out)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
-    result = subprocess.run(
-        [*cmd, str(ROOT / "tests" / "engine_worker.py"), str(out)], env=env, capture_output=True, text=True, timeout=900
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    four = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port", str(free_port())]
-    result = subprocess.run(
-        [*four, str(ROOT / "tests" / "engine_worker.py"), str(out), "four"],
-        env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    worker = str(ROOT / "tests" / "engine_worker.py")
+    run_ranks([*torchrun(2), worker, str(out)], timeout=900)
+    run_ranks([*torchrun(4), worker, str(out), "four"], timeout=900)
     return out
 
 

@@ -7,8 +7,6 @@ predates QB) and run on 2 gloo ranks; 2 gloo ranks × 2 micro-steps against one 
 
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -232,13 +230,10 @@ def test_micro_mean_equals_megatron_cores_own_code_on_two_ranks(tmp_path):
     wheel = os.environ.get("QWENMOE_GB_MEGATRON_QB_WHEEL")
     if not wheel:
         pytest.fail("QWENMOE_GB_MEGATRON_QB_WHEEL is not set: run `make test-megatron-qb` (it downloads the wheel)")
-    from .test_distributed import free_port
+    from .dist_common import run_ranks, torchrun
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(ROOT / "tests" / "distributed_worker.py"), str(tmp_path), "megatron_qb"]  # fmt: skip
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    run_ranks([*torchrun(), str(ROOT / "tests" / "distributed_worker.py"), str(tmp_path), "megatron_qb"],
+              OMP_NUM_THREADS="1")  # fmt: skip
     for rank in range(2):
         seen = torch.load(tmp_path / f"megatron_qb_rank{rank}.pt")
         assert len(seen) == 3
@@ -418,15 +413,12 @@ def test_compare_arms():
 def test_two_ranks_times_two_micro_steps_equal_one_process(tmp_path):
     """2 gloo ranks × 2 accumulation micro-steps, 2 optimizer steps (padding on rank 1), both scopes: each step's bias
     is bitwise the one of one process observing the same 4 micro-batches, on both ranks."""
+    from .dist_common import run_ranks, torchrun
     from .distributed_worker import qb_start
-    from .test_distributed import free_port
 
     qb_start(tmp_path)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(ROOT / "tests" / "distributed_worker.py"), str(tmp_path), "quantile"]  # fmt: skip
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    run_ranks([*torchrun(), str(ROOT / "tests" / "distributed_worker.py"), str(tmp_path), "quantile"],
+              OMP_NUM_THREADS="1")  # fmt: skip
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers run (OMP_NUM_THREADS=1): the same float sums, bit for bit
     try:
