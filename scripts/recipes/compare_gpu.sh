@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU reproduction recipe (one H100 or H200): micro vs global balance on real multi-domain text, 2 seeds. A run takes
-# about 3.5 min on an H200 (200 s of training), so the 4 runs take about 15 min; `--seeds 0,1,2` adds a third seed.
+# about 220 s on an H200 (200 s of training), so the 4 runs take about 15 min; `--seeds 0,1,2` adds a third seed.
 # Usage: bash scripts/recipes/compare_gpu.sh CORPUS_DIR OUT_DIR [extra qwenmoe-gb flags]
 # CORPUS_DIR holds one folder per domain with train.jsonl / test.jsonl (e.g. ../shared/corpus).
 set -euo pipefail
