@@ -2,7 +2,7 @@
 
 Features
 - Qwen2-MoE / Qwen3-MoE decoder built from transformers' own blocks (attention, RMSNorm, rotary, fused experts with
-  `experts_implementation` = eager / batched_mm / grouped_mm).
+  `experts_implementation` = eager / batched_mm / grouped_mm; grouped_mm in the autocast dtype under autocast).
 - A top-k router with softmax or sigmoid scores and an auxiliary-loss-free bias (`expert_bias`, persistent fp32
   buffer) that changes which experts are selected but never the gate weights.
 - Router statistics per layer and per sequence, padding excluded: selection counts, probability sums
@@ -631,9 +631,31 @@ def recompute(mode: str, function, *args):
 
 
 @use_experts_implementation
-class QwenMoeGBExperts(Qwen2MoeExperts):
+class _DispatchedExperts(Qwen2MoeExperts):
     """transformers' fused Qwen2-MoE experts: gate_up_proj (E, 2I, D), down_proj (E, D, I); the forward dispatches on
     `config._experts_implementation` (eager, batched_mm, grouped_mm)."""
+
+
+class QwenMoeGBExperts(_DispatchedExperts):
+    """transformers' fused experts (`_DispatchedExperts`), with grouped_mm in the autocast dtype under autocast, as
+    eager's and batched_mm's matmuls are. `torch._grouped_mm` has no autocast kernel (pytorch#174763) and transformers
+    casts its input to the weights' dtype, so with fp32 weights under bf16 autocast (`--bf16 true`) the experts'
+    GEMMs would run in fp32. The weights are cast for the call (differentiably, as autocast casts mm's operands)."""
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        dtype = _autocast_dtype(hidden_states.device.type)
+        weights = (self.gate_up_proj, self.down_proj)
+        if self.config._experts_implementation != "grouped_mm" or dtype in (None, *(w.dtype for w in weights)):
+            return super().forward(hidden_states, top_k_index, top_k_weights)
+        cast = {"gate_up_proj": weights[0].to(dtype), "down_proj": weights[1].to(dtype)}  # as autocast casts mm's
+        return torch.func.functional_call(self, cast, (hidden_states, top_k_index, top_k_weights), strict=False)
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes matmuls in on `device_type`, or None when autocast is off there."""
+    if device_type not in ("cuda", "cpu", "xpu", "mps") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 class QwenMoeGBSparseMoeBlock(nn.Module):

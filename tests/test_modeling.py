@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeMLP
 
 from modeling_qwenmoe_gb import QwenMoeGBForCausalLM, balance_loss
@@ -107,6 +108,50 @@ def test_experts_implementations_agree():
     grouped.load_state_dict(eager.state_dict())
     ids = torch.randint(1, 99, (2, 6))
     torch.testing.assert_close(eager(ids).logits, grouped(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+class _GroupedMMDtypes(TorchDispatchMode):
+    """The dtypes of the operands of every `aten._grouped_mm` that runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[tuple[torch.dtype, torch.dtype]] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._grouped_mm.default:
+            self.seen.add((args[0].dtype, args[1].dtype))
+        return func(*args, **(kwargs or {}))
+
+
+def test_grouped_mm_experts_compute_in_the_autocast_dtype_like_eager():
+    """fp32 weights under bf16 autocast (the Trainer's `--bf16 true`): grouped_mm's GEMMs run in bf16 as eager's
+    matmuls do (`_grouped_mm` has no autocast kernel; transformers alone runs it in fp32), forward and backward; the
+    loss and the experts' fp32 gradients agree with eager under autocast; without autocast it stays fp32."""
+    torch.manual_seed(0)
+    eager = QwenMoeGBForCausalLM(tiny_config()).train()
+    eager.set_experts_implementation("eager")
+    grouped = QwenMoeGBForCausalLM(tiny_config()).train()
+    grouped.set_experts_implementation("grouped_mm")
+    grouped.load_state_dict(eager.state_dict())
+    ids = torch.randint(1, 99, (2, 16))
+    dtypes = _GroupedMMDtypes()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = eager(ids, labels=ids)
+        with dtypes:
+            got = grouped(ids, labels=ids)
+    with dtypes:
+        got.loss.backward()
+    want.loss.backward()
+    assert dtypes.seen == {(torch.bfloat16, torch.bfloat16)}
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-3, atol=0)
+    for name in ("gate_up_proj", "down_proj"):
+        mine, theirs = (getattr(m.model.layers[0].mlp.experts, name) for m in (grouped, eager))
+        assert mine.dtype == mine.grad.dtype == torch.float32
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=0.05, atol=1e-5)
+    plain = _GroupedMMDtypes()
+    with plain:
+        grouped(ids, labels=ids)
+    assert plain.seen == {(torch.float32, torch.float32)}
 
 
 def test_generate_and_bf16_keeps_fp32_bias():
