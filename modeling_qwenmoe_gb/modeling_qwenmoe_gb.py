@@ -640,12 +640,17 @@ class QwenMoeGBExperts(_DispatchedExperts):
     """transformers' fused experts (`_DispatchedExperts`), with grouped_mm in the autocast dtype under autocast, as
     eager's and batched_mm's matmuls are. `torch._grouped_mm` has no autocast kernel (pytorch#174763) and transformers
     casts its input to the weights' dtype, so with fp32 weights under bf16 autocast (`--bf16 true`) the experts'
-    GEMMs would run in fp32. The weights are cast for the call (differentiably, as autocast casts mm's operands)."""
+    GEMMs would run in fp32. The weights are cast for the call (differentiably, as autocast casts mm's operands);
+    parametrized weights (PEFT's LoRA on the experts) cannot be swapped for the call and keep transformers' path."""
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         dtype = _autocast_dtype(hidden_states.device.type)
         weights = (self.gate_up_proj, self.down_proj)
-        if self.config._experts_implementation != "grouped_mm" or dtype in (None, *(w.dtype for w in weights)):
+        if (
+            self.config._experts_implementation != "grouped_mm"
+            or dtype in (None, *(w.dtype for w in weights))
+            or nn.utils.parametrize.is_parametrized(self)
+        ):
             return super().forward(hidden_states, top_k_index, top_k_weights)
         cast = {"gate_up_proj": weights[0].to(dtype), "down_proj": weights[1].to(dtype)}  # as autocast casts mm's
         return torch.func.functional_call(self, cast, (hidden_states, top_k_index, top_k_weights), strict=False)
