@@ -187,14 +187,12 @@ def test_paired_layouts_time_ep_against_fsdp_under_torchrun(tmp_path):
     """`--paired_layouts fsdp,fsdp+ep` on 2 gloo processes: both engine layouts train side by side, pairs reported."""
     import os
     import subprocess
-    import sys
     from pathlib import Path
 
-    from .dist_common import free_port
+    from .dist_common import torchrun
 
     out = tmp_path / "layouts.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "scripts/benchmark.py", "--models", "", "--paired_layouts", "fsdp,fsdp+ep", "--preset", "tiny",
+    cmd = [*torchrun(), "scripts/benchmark.py", "--models", "", "--paired_layouts", "fsdp,fsdp+ep", "--preset", "tiny",
            "--paired_steps", "3", "--warmup", "1", "--batch", "2", "--seq", "16", "--experts_implementations", "eager",
            "--out", str(out)]  # fmt: skip
     root = Path(__file__).resolve().parent.parent

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from modeling_qwenmoe_gb.checkpoints import checkpoint_problem, resolve_resume
 
-from .dist_common import free_port
+from .dist_common import torchrun
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = [
@@ -37,9 +37,7 @@ def launch(out: Path, *extra: str, crash: tuple[str, int] | None = None, procs: 
     if procs == 1:
         cmd = [sys.executable, *(entry or ["-m", "modeling_qwenmoe_gb.cli"]), *argv]
     else:
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
-                    "--master_port", str(free_port())]  # fmt: skip
-        cmd = [*torchrun, *(entry or ["-m", "modeling_qwenmoe_gb.cli"]), *argv]
+        cmd = [*torchrun(procs), *(entry or ["-m", "modeling_qwenmoe_gb.cli"]), *argv]
     return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 

@@ -6,7 +6,6 @@ the corpus."""
 import json
 import pickle
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from modeling_qwenmoe_gb.cli import pretrain
 from modeling_qwenmoe_gb.data import ByteTokenizer, Encoder, TokenDomains, open_token_folder, synthetic_corpus
 from modeling_qwenmoe_gb.data.formats import IndexWriter
 
-from .dist_common import free_port
+from .dist_common import torchrun
 from .test_crash_resume import ENV, ROOT, RUN
 
 TINY = [
@@ -112,9 +111,8 @@ def _records(folder: Path, rank: int) -> list[tuple[int, str]]:
 
 def _torchrun(out: Path, record: Path, mode: str = "none", step: int = 0) -> subprocess.CompletedProcess:
     record.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(ROOT / "tests" / "crash_launcher.py"), mode, str(step), "--", "pretrain", *RUN, "--output_dir", str(out),
-           "--max_steps", "6", "--save_steps", "2", "--aux_free", "false"]  # fmt: skip
+    cmd = [*torchrun(), str(ROOT / "tests" / "crash_launcher.py"), mode, str(step), "--", "pretrain", *RUN,
+           "--output_dir", str(out), "--max_steps", "6", "--save_steps", "2", "--aux_free", "false"]  # fmt: skip
     return subprocess.run(cmd, env=dict(ENV, RECORD_BATCHES=str(record)), capture_output=True, text=True, timeout=600)
 
 
